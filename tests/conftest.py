@@ -1,0 +1,43 @@
+"""Shared fixtures: one Ray session and one tiny world for the whole test run (CI has 2 cores)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_MEMBERS = 150
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """A local Ray cluster shared by every test that needs one; started lazily, stopped at the end."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=4,  # logical CPUs: Serve's proxy + ingress + replicas need slots on a 2-core box
+            object_store_memory=512 * 1024**2,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}},
+        )
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A few hundred members' world, generated once per test run (deterministic seed)."""
+    from workloads.data.synth import WorldConfig, generate
+
+    out = tmp_path_factory.mktemp("world")
+    generate(WorldConfig(members=TINY_MEMBERS, seed=7), out)
+    return out
