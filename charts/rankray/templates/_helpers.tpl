@@ -1,0 +1,80 @@
+{{/* Chart name, truncated to the 63 characters Kubernetes allows in a label value. */}}
+{{- define "rankray.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Object-name prefix: the release name, suffixed with the chart name unless it already contains it. */}}
+{{- define "rankray.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "rankray.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "rankray.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "rankray.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "rankray.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: rankray
+{{- end }}
+
+{{- define "rankray.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "rankray.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* repository@digest when a digest is pinned, else repository:tag (tag defaults to appVersion). */}}
+{{- define "rankray.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{- define "rankray.workloadImage" -}}
+{{- default (include "rankray.image" .) .Values.workloads.image }}
+{{- end }}
+
+{{/*
+Rules for everything the operator touches inside a watched namespace; shared by the ClusterRole
+(all namespaces) and the per-namespace Roles so the two modes can never drift apart.
+*/}}
+{{- define "rankray.namespacedRules" -}}
+# The RankingModels it reconciles: kopf lists/watches them and PATCHes finalizers, annotations, status.
+- apiGroups: [rankray.io]
+  resources: [rankingmodels]
+  verbs: [get, list, watch, patch]
+- apiGroups: [rankray.io]
+  resources: [rankingmodels/status]
+  verbs: [get, patch]
+# Children carry ownerReferences with blockOwnerDeletion, which the API server only allows to
+# those who may update the owner's finalizers.
+- apiGroups: [rankray.io]
+  resources: [rankingmodels/finalizers]
+  verbs: [update]
+# The children: one RayJob per pipeline stage and the serving RayService.
+- apiGroups: [ray.io]
+  resources: [rayjobs, rayservices]
+  verbs: [get, list, watch, create, patch, update, delete]
+# Kubernetes events for each phase transition (kopf posts core/v1 events).
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create, patch]
+{{- end }}

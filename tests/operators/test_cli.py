@@ -1,0 +1,77 @@
+"""`rankray crd`, `rankray validate` and `rankray operator` as a user runs them."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+from typer.testing import CliRunner
+
+from operators.api.crd import crd_yaml
+from operators.api.reference import reference_markdown
+from operators.cli import app
+
+ROOT = Path(__file__).resolve().parents[2]
+runner = CliRunner()
+
+
+def test_crd_prints_the_crd_and_writes_it_atomically(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["crd"])
+    assert result.exit_code == 0 and result.stdout == crd_yaml()
+    out = tmp_path / "crds" / "rankingmodels.rankray.io.yaml"
+    assert runner.invoke(app, ["crd", "--out", str(out)]).exit_code == 0
+    assert out.read_text() == crd_yaml() and not list(out.parent.glob(".*.tmp"))
+    assert runner.invoke(app, ["crd", "--reference"]).stdout == reference_markdown()
+
+
+def test_validate_accepts_the_examples() -> None:
+    files = ["-f", str(ROOT / "examples/feed-ligr.yaml"), "-f", str(ROOT / "examples/jobs-brew.yaml")]
+    result = runner.invoke(app, ["validate", *files])
+    assert result.exit_code == 0, result.output
+    assert "feed-ligr.yaml (feed-ligr): valid" in result.stdout
+    assert "jobs-brew.yaml (jobs-brew): valid" in result.stdout
+
+
+def _write(path: Path, *documents: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump_all(documents))
+    return path
+
+
+def test_validate_exits_non_zero_naming_each_bad_field(tmp_path: Path, manifest: dict[str, Any]) -> None:
+    bad = copy.deepcopy(manifest)
+    bad["metadata"]["name"] = "bad-model"
+    bad["spec"]["training"]["workers"] = -2
+    bad["spec"]["model"]["kind"] = "gbdt"
+    bad["spec"]["serving"]["setwiseTopK"] = 900
+    del bad["spec"]["featureRepo"]
+    path = _write(tmp_path / "models.yaml", manifest, bad)
+    result = runner.invoke(app, ["validate", "-f", str(path)])
+    assert result.exit_code == 1
+    assert f"{path} (document 1, feed-ligr): valid" in result.stdout
+    lines = [line for line in result.stderr.splitlines() if "(document 2, bad-model)" in line]
+    fields = {line.split(": ", 2)[1] for line in lines}
+    assert fields == {
+        "spec.training.workers",
+        "spec.model.kind",
+        "spec.serving.setwiseTopK",
+        "spec.featureRepo",
+    }, lines
+
+
+def test_validate_reports_files_it_cannot_read(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("spec: [unclosed\n")
+    result = runner.invoke(app, ["validate", "-f", str(broken)])
+    assert result.exit_code == 1 and "not valid YAML" in result.stderr
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert runner.invoke(app, ["validate", "-f", str(empty)]).exit_code == 1
+    assert runner.invoke(app, ["validate", "-f", str(tmp_path / "missing.yaml")]).exit_code == 2
+
+
+def test_operator_command_is_wired() -> None:
+    result = runner.invoke(app, ["operator", "--help"])
+    assert result.exit_code == 0
+    assert "--namespace" in result.stdout and "--sync-interval" in result.stdout

@@ -1,0 +1,138 @@
+"""The pipeline's contract with the workloads: every stage config the operator emits is accepted by the
+stage's own pydantic config (they forbid unknown fields), and the artifact layout is where training writes."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from operators.api.v1alpha1 import ModelSize, ModelSpec, RankingModel
+from operators.backends.kuberay import resolve_storage
+from operators.pipeline import (
+    LLM_DEPLOYMENT,
+    SCORER_DEPLOYMENT,
+    Stage,
+    last_json_line,
+    ligr_model_config,
+    new_version,
+    serve_config,
+    stage_config,
+    stages,
+)
+from tests.operators.conftest import as_model
+from workloads.brew.train import BrewTrainConfig
+from workloads.data.preprocess import PreprocessConfig
+from workloads.models.config import LiGRConfig
+from workloads.train.config import TrainConfig
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def _example(name: str, **window: str) -> RankingModel:
+    manifest = yaml.safe_load((EXAMPLES / name).read_text())
+    if window:
+        manifest["spec"]["data"]["window"] = window
+    return as_model(manifest, generation=4)
+
+
+WINDOW = {
+    "start": "2026-01-01T00:00:00Z",
+    "trainEnd": "2026-03-01T00:00:00Z",
+    "evalEnd": "2026-03-08T00:00:00Z",
+}
+
+
+@pytest.mark.parametrize("window", [{}, WINDOW], ids=["default-split", "explicit-window"])
+def test_ligr_stage_configs_are_accepted_by_the_workloads(window: dict[str, str]) -> None:
+    model = _example("feed-ligr.yaml", **window)
+    version = new_version(model.spec, "feed-ligr", 4)
+    assert stages(model.spec.model.kind) == (Stage.PREPROCESS, Stage.TRAIN, Stage.EVALUATE)
+    preprocess = PreprocessConfig.model_validate(
+        stage_config(model.spec, "feed-ligr", Stage.PREPROCESS, version, None, resolve_storage)
+    )
+    train = TrainConfig.model_validate(
+        stage_config(model.spec, "feed-ligr", Stage.TRAIN, version, None, resolve_storage)
+    )
+    assert preprocess.world_dir == train.world_dir == Path("/mnt/pvc/rankray-data/world")
+    assert (
+        preprocess.out_dir
+        == train.examples_dir
+        == Path("/mnt/pvc/rankray-artifacts/models/feed-ligr/work/v4/examples")
+    )
+    assert preprocess.max_history == train.model.max_history == 256
+    assert str(train.artifact_dir) == resolve_storage(version.artifact_uri), (
+        "serving loads what training publishes"
+    )
+    assert train.model.kind == "ligr" and train.model.setwise is True
+    assert (train.num_workers, train.use_gpu, train.strategy, train.max_failures) == (2, False, "ddp", 3)
+    if window:
+        assert str(preprocess.train_end).startswith("2026-03-01")
+
+
+def test_brew_trains_straight_from_the_log_and_publishes_where_serving_looks() -> None:
+    model = _example("jobs-brew.yaml", **WINDOW)
+    version = new_version(model.spec, "jobs-brew", 4)
+    assert stages(model.spec.model.kind) == (Stage.TRAIN, Stage.EVALUATE)
+    train = BrewTrainConfig.model_validate(
+        stage_config(model.spec, "jobs-brew", Stage.TRAIN, version, None, resolve_storage)
+    )
+    assert train.out_dir / "artifact" == Path(resolve_storage(version.artifact_uri))
+    assert train.base.kind == "path" and train.base.path == Path(
+        "/mnt/pvc/rankray-models/smollm2-135m-instruct"
+    )
+    assert (train.num_workers, train.use_gpu, train.strategy) == (4, True, "fsdp2")
+    assert str(train.split.train_end).startswith("2026-03-01")
+
+
+@pytest.mark.parametrize("size", list(ModelSize))
+@pytest.mark.parametrize("history", [1, 256, 4096])
+def test_every_size_and_history_length_is_a_valid_ligr_model(size: ModelSize, history: int) -> None:
+    config = LiGRConfig.model_validate(
+        ligr_model_config(ModelSpec(kind="ligr", size=size, history_length=history))
+    )
+    assert config.max_history == history
+
+
+def test_the_evaluate_config_names_the_gate_and_its_reference(manifest: dict[str, Any]) -> None:
+    model = as_model(manifest, generation=2)
+    candidate, served = new_version(model.spec, "feed-ligr", 2), new_version(model.spec, "feed-ligr", 1)
+    config = stage_config(model.spec, "feed-ligr", Stage.EVALUATE, candidate, served, resolve_storage)
+    assert config["artifact_dir"] == "/mnt/pvc/rankray-artifacts/models/feed-ligr/v2"
+    assert config["gate"] == {
+        "metric": "auc",
+        "task": None,
+        "min_lift": 0.005,
+        "reference_artifact_dir": "/mnt/pvc/rankray-artifacts/models/feed-ligr/v1",
+        "reference_name": "v1",
+    }
+    baseline = copy.deepcopy(manifest)
+    baseline["spec"]["evaluation"]["against"] = "baseline"
+    model = as_model(baseline, generation=2)
+    config = stage_config(model.spec, "feed-ligr", Stage.EVALUATE, candidate, served, resolve_storage)
+    assert config["gate"]["reference_artifact_dir"] is None and config["gate"]["reference_name"] == "baseline"
+
+
+def test_the_serve_config_scales_the_scorer_and_adds_the_llm_only_for_brew(manifest: dict[str, Any]) -> None:
+    model = as_model(manifest)
+    version = new_version(model.spec, "feed-ligr", 1)
+    config = serve_config("feed-ligr", version, model.spec.serving, resolve_storage)
+    (application,) = config["applications"]
+    assert [d["name"] for d in application["deployments"]] == [SCORER_DEPLOYMENT]
+    assert application["deployments"][0]["num_replicas"] == 2
+    brew = as_model(yaml.safe_load((EXAMPLES / "jobs-brew.yaml").read_text()))
+    brew_version = new_version(brew.spec, "jobs-brew", 1)
+    application = serve_config("jobs-brew", brew_version, brew.spec.serving, resolve_storage)["applications"][
+        0
+    ]
+    assert [d["name"] for d in application["deployments"]] == [SCORER_DEPLOYMENT, LLM_DEPLOYMENT]
+    assert application["args"]["artifact_uri"] == "/mnt/pvc/rankray-artifacts/models/jobs-brew/v1/artifact"
+    assert application["args"]["llm_enabled"] is True
+
+
+def test_a_stage_summary_is_the_last_json_object_line() -> None:
+    assert last_json_line('{"a": 1}\nnoise\n{"b": 2}\n[1, 2]\n{broken\n') == {"b": 2}
+    assert last_json_line("no json here\n") is None

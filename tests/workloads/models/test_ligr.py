@@ -1,0 +1,340 @@
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from tests.workloads.models.synthetic import (
+    candidate_slice,
+    content_table,
+    example_rows,
+    planted_batch,
+    random_batch,
+)
+from workloads.models.batch import RankingBatch, SemanticIdTable, collate, collate_sequences
+from workloads.models.config import LiGRConfig, LiGRRetrievalConfig
+from workloads.models.ligr import (
+    ACTION,
+    CANDIDATE,
+    ITEM,
+    AttentionMask,
+    GatedBlock,
+    LiGRForRanking,
+    LiGRRetrieval,
+    TokenLayout,
+)
+
+
+def tiny(**overrides: object) -> LiGRConfig:
+    base: dict[str, object] = dict(
+        d_model=16, n_layers=2, n_heads=2, id_dim=8, max_history=16, max_candidates=8, dropout=0.0,
+        item_hash_size=1009, actor_hash_size=101,
+    )
+    return LiGRConfig(**{**base, **overrides})
+
+
+def model(**overrides: object) -> LiGRForRanking:
+    torch.manual_seed(0)
+    return LiGRForRanking(tiny(**overrides)).eval()
+
+
+def clone(batch: RankingBatch) -> RankingBatch:
+    """A copy whose tensors can be edited in place."""
+    return dataclasses.replace(
+        batch,
+        **{f.name: v.clone() for f in dataclasses.fields(batch) if (v := getattr(batch, f.name)) is not None},
+    )
+
+
+def rows_of(batch: RankingBatch, rows: torch.Tensor) -> RankingBatch:
+    return dataclasses.replace(
+        batch,
+        **{f.name: v[rows] for f in dataclasses.fields(batch) if (v := getattr(batch, f.name)) is not None},
+    )
+
+
+def test_historical_mask_follows_the_session_rules() -> None:
+    # one request: events in sessions [0, 0, 1], two candidates, one padding event
+    layout = TokenLayout.interleaved(
+        hist_session=torch.tensor([[0, 0, 1, 0]]),
+        hist_mask=torch.tensor([[True, True, True, False]]),
+        cand_mask=torch.tensor([[True, True]]),
+    )
+    assert layout.kind[0].tolist() == [ITEM, ACTION] * 4 + [CANDIDATE] * 2
+    dense = AttentionMask(layout.historical(), layout).dense()[0].int().tolist()
+    #          i0 a0 i1 a1 i2 a2 pi pa c0 c1
+    expected = [
+        [1, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # item 0: nothing earlier, not its own action
+        [1, 1, 0, 0, 0, 0, 0, 0, 0, 0],  # action 0: its item
+        [0, 0, 1, 0, 0, 0, 0, 0, 0, 0],  # item 1: same session as item 0, so neither it nor its action
+        [1, 1, 1, 1, 0, 0, 0, 0, 0, 0],  # action 1: its session so far
+        [1, 1, 1, 1, 1, 0, 0, 0, 0, 0],  # item 2: the earlier session, items and actions
+        [1, 1, 1, 1, 1, 1, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0, 1, 0, 0, 0],  # padding sees only itself (keeps softmax finite)
+        [0, 0, 0, 0, 0, 0, 0, 1, 0, 0],
+        [1, 1, 1, 1, 1, 1, 0, 0, 1, 0],  # candidates: the whole history, not each other
+        [1, 1, 1, 1, 1, 1, 0, 0, 0, 1],
+    ]
+    assert dense == expected
+
+
+def test_history_item_sees_only_earlier_sessions() -> None:
+    batch = random_batch(seed=1, n_rows=2, hist_len=(10, 10))
+    net = model(n_layers=3)
+    with torch.no_grad():
+        hist_states, _ = net.backbone(batch)
+    sessions = batch.hist_session[0]
+    event = int(torch.nonzero(sessions == sessions[5])[0])  # first event of a middle session
+    same_or_later = [e for e in range(10) if sessions[e] >= sessions[event]]
+    earlier = [e for e in range(10) if sessions[e] < sessions[event]]
+    assert earlier and len(same_or_later) > 1, "the fixture must have sessions on both sides"
+
+    def item_state_after(changed: RankingBatch) -> torch.Tensor:
+        with torch.no_grad():
+            return net.backbone(changed)[0][0, event]
+
+    # its own outcome, its session neighbours, later sessions: nothing moves it
+    for other in same_or_later:
+        changed = clone(batch)
+        changed.hist_actions[0, other] = 1 - batch.hist_actions[0, other]
+        if other != event:
+            changed.hist_item_id[0, other] = 999
+            changed.hist_actor_id[0, other] = 998
+            changed.hist_content[0, other] = 5.0
+        torch.testing.assert_close(item_state_after(changed), hist_states[0, event])
+    # an earlier session's outcome does (so the test can fail)
+    changed = clone(batch)
+    changed.hist_actions[0, earlier[-1]] = 1 - batch.hist_actions[0, earlier[-1]]
+    assert not torch.allclose(item_state_after(changed), hist_states[0, event])
+
+
+def test_pointwise_score_ignores_other_candidates_but_setwise_does_not() -> None:
+    batch = random_batch(seed=2, n_rows=3, cand_len=(4, 4))
+    net = model()
+    with torch.no_grad():
+        before = net(batch)
+        other = clone(batch)
+        other.cand_item_id[:, 1:] += 7
+        other.cand_actor_id[:, 1:] += 3
+        after = net(other)
+        # perturb the set-wise head so its correction is not the zero it starts as
+        for p in net.setwise_head.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+        assert before.setwise_logits is not None
+        setwise_before, setwise_after = net(batch).setwise_logits, net(other).setwise_logits
+    torch.testing.assert_close(after.pointwise_logits[:, 0], before.pointwise_logits[:, 0])
+    assert setwise_before is not None and setwise_after is not None
+    assert not torch.allclose(setwise_after[:, 0], setwise_before[:, 0])
+
+
+def test_single_pass_scoring_equals_scoring_each_candidate_alone() -> None:
+    rng = np.random.default_rng(4)
+    rows = example_rows(rng, n_rows=3, hist_len=(2, 12), cand_len=(3, 6))
+    content = content_table(rng)
+    net = model(setwise=False)
+    with torch.no_grad():
+        together = net.score_pointwise(collate(rows, content))
+        for i in range(3):
+            for j in range(len(rows["cand_item_id"][i])):
+                alone_rows = {k: v[i : i + 1] for k, v in rows.items()}
+                alone_rows = {k: (_pick(v, j) if k.startswith("cand_") else v) for k, v in alone_rows.items()}
+                alone = net.score_pointwise(collate(alone_rows, content))  # its own history padding, S=1
+                torch.testing.assert_close(alone[0, 0], together[i, j], atol=1e-5, rtol=1e-5)
+
+
+def _pick(column: np.ndarray, j: int) -> np.ndarray:
+    out = np.empty(1, dtype=object)
+    out[0] = column[0][j : j + 1]
+    return out
+
+
+def test_split_scoring_setwise_on_the_chosen_candidates_only() -> None:
+    batch = random_batch(seed=5, n_rows=2, cand_len=(6, 6))
+    net = model()
+    for p in net.setwise_head.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    with torch.no_grad():
+        out = net(batch)
+        states = net.encode(batch)
+        everyone = net.score_setwise(batch, torch.arange(6).expand(2, 6), cand_states=states)
+        top = torch.tensor([[4, 0, 2], [1, 5, 3]])
+        chosen = net.score_setwise(batch, top)
+        alone = net(candidate_slice(batch, torch.tensor([4, 0, 2])))
+    assert out.setwise_logits is not None and alone.setwise_logits is not None
+    torch.testing.assert_close(everyone, out.setwise_logits)
+    torch.testing.assert_close(out.logits, out.pointwise_logits + out.setwise_logits)
+    torch.testing.assert_close(net.score_pointwise(batch, cand_states=states), out.pointwise_logits)
+    # the top-k are a set of their own: same as a request that showed only them
+    torch.testing.assert_close(chosen[0], alone.setwise_logits[0], atol=1e-5, rtol=1e-5)
+    # and the set is unordered: permuting it permutes the corrections
+    with torch.no_grad():
+        permuted = net.score_setwise(batch, top[:, [2, 0, 1]])
+    torch.testing.assert_close(permuted, chosen[:, [2, 0, 1]], atol=1e-5, rtol=1e-5)
+
+
+def test_models_without_setwise_correct_nothing() -> None:
+    batch = random_batch(seed=6)
+    net = model(setwise=False)
+    with torch.no_grad():
+        out = net(batch)
+    assert out.setwise_logits is None
+    torch.testing.assert_close(out.logits, out.pointwise_logits)
+    assert not net.score_setwise(batch, torch.zeros((4, 2), dtype=torch.long)).any()
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "flex"])
+def test_attention_kernels_agree_with_the_eager_reference(impl: str) -> None:
+    batch = random_batch(seed=7, n_rows=3, hist_len=(3, 12))
+    reference = model(attn_impl="eager")
+    other = LiGRForRanking(tiny(attn_impl=impl)).eval()
+    other.load_state_dict(reference.state_dict())
+    with torch.no_grad():
+        expected, got = reference(batch), other(batch)
+    torch.testing.assert_close(got.logits, expected.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_flex_config_still_trains_on_cpu() -> None:
+    """CPU FlexAttention has no backward in torch 2.13; training falls back to the dense kernel."""
+    net = LiGRForRanking(tiny(attn_impl="flex"))
+    out = net(random_batch(seed=8))
+    assert out.loss is not None
+    out.loss.backward()
+    assert all(p.grad is not None for p in net.backbone.blocks.parameters())
+
+
+def test_gates_read_the_unnormalized_residual_stream() -> None:
+    torch.manual_seed(0)
+    block = GatedBlock(d_model=8, n_heads=2, ffn_mult=2, dropout=0.0, attn_impl="eager")
+    h = torch.randn(2, 5, 8) * 3 + 1
+    layout = TokenLayout.one_session(torch.ones(2, 5, dtype=torch.bool))
+    mask = AttentionMask(layout.in_session(), layout)
+    seen: list[torch.Tensor] = []
+    block.attn_gate.register_forward_hook(lambda _m, args, out: seen.extend([args[0], out]))
+    out = block(h, mask)
+    assert out.shape == h.shape
+    gate_input, gate_output = seen
+    torch.testing.assert_close(gate_input, h)  # sigmoid(h W), not sigmoid(LN(h) W)
+    assert gate_output.shape == (2, 5, 8)  # one gate per channel
+    # h <- h + F(LN(h)) * sigmoid(h W), twice
+    mid = h + block.attn(block.attn_norm(h), mask) * torch.sigmoid(block.attn_gate(h))
+    expected = mid + block.ffn(block.ffn_norm(mid)) * torch.sigmoid(block.ffn_gate(mid))
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("feature", ["item_id", "actor_id", "post_type", "age_bucket"])
+def test_feature_ablation_drops_exactly_that_feature(feature: str) -> None:
+    batch = random_batch(seed=9)
+    field = f"cand_{feature}"
+    changed = dataclasses.replace(batch, **{field: (getattr(batch, field) + 1) % 5})
+    with_feature = model()
+    without = model(
+        use_features=frozenset({"item_id", "actor_id", "post_type", "age_bucket", "content"} - {feature})
+    )
+    with torch.no_grad():
+        assert not torch.allclose(with_feature.score_pointwise(changed), with_feature.score_pointwise(batch))
+        torch.testing.assert_close(without.score_pointwise(changed), without.score_pointwise(batch))
+
+
+def test_semantic_ids_are_a_token_feature() -> None:
+    rng = np.random.default_rng(10)
+    rows, content = example_rows(rng, 4), content_table(rng)
+    table = SemanticIdTable(rng.integers(0, 16, (100, 3)), 16)
+    net = model(use_semantic_ids=True, sid_codebook_size=16, use_features=frozenset({"content"}))
+    with torch.no_grad():
+        base = net.score_pointwise(collate(rows, content, semantic_ids=table))
+        other = SemanticIdTable((table.codes + 1) % 16, 16)
+        assert not torch.allclose(net.score_pointwise(collate(rows, content, semantic_ids=other)), base)
+    with pytest.raises(ValueError, match="semantic_ids"):
+        net(collate(rows, content))
+
+
+def test_batches_longer_than_the_config_are_refused() -> None:
+    with pytest.raises(ValueError, match="max_history"):
+        model(max_history=4)(random_batch(seed=11, hist_len=(8, 8)))
+
+
+def test_learns_a_signal_that_only_the_history_reveals() -> None:
+    """Candidates are positive iff by the member's favourite actor, shown only by history actions."""
+    rng = np.random.default_rng(12)
+    torch.manual_seed(0)
+    cfg = tiny(d_model=32, setwise=False, use_features=frozenset({"actor_id"}), lr_dense=0.003)
+    net = LiGRForRanking(cfg)
+    optimizer = torch.optim.AdamW(net.param_groups())
+    losses = []
+    for _ in range(200):
+        out = net(planted_batch(rng, 64))
+        assert out.loss is not None
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.loss.item())
+    test = planted_batch(rng, 128)
+    with torch.no_grad():
+        scores = net.eval().score_pointwise(test)
+    assert test.labels is not None
+    auc = roc_auc_score(test.labels[..., 0].flatten().numpy(), scores[..., 0].flatten().numpy())
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
+    assert auc > 0.9, auc
+
+
+# --- retrieval -----------------------------------------------------------------------------------------
+
+
+def retrieval(**overrides: object) -> LiGRRetrieval:
+    torch.manual_seed(0)
+    cfg = LiGRRetrievalConfig(
+        **{**dict(d_model=32, n_heads=2, max_len=12, dropout=0.0, item_hash_size=1009), **overrides}
+    )
+    return LiGRRetrieval(cfg)
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+def test_retrieval_user_state_reads_only_the_past(interleave: bool) -> None:
+    net = retrieval(interleave_actions=interleave).eval()
+    seqs = [np.array([3, 9, 4, 7, 1, 8]), np.array([5, 2, 6])]
+    acts = [np.array([1, 0, 2, 1, 0, 3]), np.array([1, 1, 0])]
+    with torch.no_grad():
+        items, users = net.member_states(collate_sequences(seqs, actions=acts))
+        changed = [np.array([3, 9, 4, 70, 10, 80]), seqs[1]]
+        changed_acts = [np.array([1, 0, 2, 9, 9, 9]), acts[1]]
+        items2, users2 = net.member_states(collate_sequences(changed, actions=changed_acts))
+    torch.testing.assert_close(users2[0, :3], users[0, :3])
+    torch.testing.assert_close(items2[0, :3], items[0, :3])
+    assert not torch.allclose(users2[0, 3], users[0, 3])
+    if interleave:  # an item's state never includes its own action
+        own = [seqs[0], seqs[1]]
+        own_acts = [np.array([1, 0, 2, 1, 0, 3]), np.array([1, 1, 5])]
+        with torch.no_grad():
+            items3, _ = net.member_states(collate_sequences(own, actions=own_acts))
+        torch.testing.assert_close(items3[1, 2], items[1, 2])
+
+
+def test_retrieval_learns_next_item_and_ranks_the_catalog() -> None:
+    """Sequences walk the catalog one id at a time; the next item is then fully predictable."""
+    rng = np.random.default_rng(13)
+    net = retrieval()
+    optimizer = torch.optim.AdamW(net.param_groups())
+    catalog = torch.arange(40)
+
+    def walks(n: int) -> list[np.ndarray]:
+        return [(rng.integers(0, 40) + np.arange(10)) % 40 for _ in range(n)]
+
+    for _ in range(120):
+        batch = collate_sequences(walks(32), actions=[np.ones(10, dtype=np.int64)] * 32)
+        loss = net.loss(batch, candidate_ids=catalog)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    test = walks(50)
+    with torch.no_grad():
+        users = net.eval().user_embedding(
+            collate_sequences([s[:-1] for s in test], actions=[np.ones(9, dtype=np.int64)] * 50)
+        )
+        scores = users @ net.item_embedding(catalog).T
+    hits = (scores.topk(10, dim=1).indices == torch.tensor([s[-1] for s in test])[:, None]).any(dim=1)
+    assert hits.float().mean() > 0.8
+    with pytest.raises(ValueError, match="candidate_ids"):
+        net.loss(collate_sequences(walks(2)), candidate_ids=torch.arange(3))

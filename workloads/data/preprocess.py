@@ -1,0 +1,429 @@
+"""Ray Data preprocessing: LiGR training examples from the impression log, one per (member, target session).
+
+Each example holds the member's last ``max_history`` events strictly before the session starts
+(item, actor, post type, topic, item-age bucket, session id, action bitmask and time, in time
+order, ready to interleave with their actions as in LiGR section 3.2), the session's candidates
+in slot order with their action bitmasks as labels, and the hand-crafted counters of every
+candidate as of the session start (`workloads.data.counters`; only the DCNv2 baseline reads them).
+Sessions starting in ``[train_start, train_end)`` are training targets and those in
+``[train_end, eval_end)`` evaluation targets: the paper trains on a window and evaluates on the
+period right after it. Earlier sessions still serve as history.
+
+Pipeline: read parquet -> hash-repartition by member (all of a member's events land in one block)
+-> ``map_batches(batch_size=None)`` that builds every example of a block at once with numpy (one
+sort, then contiguous ranges of the member's timeline; no Python loop per member or session) ->
+counters -> parquet under ``out_dir/{train,eval}/``, published atomically with a manifest. A
+per-member ``map_groups`` costs about 1 ms per group (docs/benchmarks.md), which is why it is not
+used. The same code runs on the local cluster (``ray_address: null``) or on a remote one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import ray
+from pydantic import BaseModel, ConfigDict, Field
+from ray.data.expressions import col
+
+from workloads.data.atomic import MANIFEST, atomic_dir
+from workloads.data.counters import IMPRESSION_COLUMNS as COUNTER_LOG_COLUMNS
+from workloads.data.counters import counters_at
+from workloads.data.schema import (
+    COUNTER_FEATURES,
+    EXAMPLES,
+    IMPRESSIONS,
+    N_AGE_BUCKETS,
+    Action,
+    data_root,
+)
+from workloads.stage import run_stage
+
+DAY_US = 86_400 * 1_000_000
+SPLITS = ("train", "eval")
+# Every column the examples are built from, typed as in the impression log contract.
+EVENT_COLUMNS = [f.name for f in IMPRESSIONS if f.name != "impression_id"]
+# Examples before counters are attached: what `build_examples` returns and what the benchmark times.
+BASE_EXAMPLES = pa.schema([f for f in EXAMPLES if f.name not in {f"cand_{c}" for c in COUNTER_FEATURES}])
+# History-length slices [lo, hi) reported per split: the first ones are the cold-start members.
+HISTORY_SLICES = {"0": (0, 1), "1-4": (1, 5), "5-19": (5, 20), "20-99": (20, 100), "100+": (100, 2**31)}
+# Partition folder of each row; pyarrow's directory partitioning drops it from the files, `split` stays.
+_FOLDER = "_split_folder"
+
+Boundary = float | datetime
+
+
+class PreprocessConfig(BaseModel):
+    """`python -m workloads.data.preprocess`: training examples from a world's impression log."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    world_dir: Path = Field(
+        default_factory=lambda: data_root() / "world", description="has impressions.parquet"
+    )
+    out_dir: Path = Field(default_factory=lambda: data_root() / "examples", description="replaced atomically")
+    max_history: int = Field(256, ge=1, le=65_536, description="most recent events kept per example")
+    # A boundary is a time (naive = UTC) or a day offset: >= 0 from the world start, < 0 from its end.
+    train_start: Boundary = Field(0.0, description="first training target; earlier sessions are history only")
+    train_end: Boundary = Field(-7.0, description="end of training = start of evaluation (last 7 days)")
+    eval_end: Boundary | None = Field(None, description="end of evaluation (default: end of the world)")
+    surfaces: list[Literal["feed", "jobs"]] = Field(["feed"], min_length=1, description="targets and history")
+    min_candidates: int = Field(1, ge=1, description="sessions with fewer impressions are history only")
+    ray_address: str | None = Field(None, description="None: a local cluster; 'auto' or 'ray://host:port'")
+    num_partitions: int | None = Field(None, ge=1, description="member partitions (default: 2 per CPU)")
+
+
+class ImpressionLogError(ValueError):
+    """The impression log does not match `schema.IMPRESSIONS`; the message names the column."""
+
+
+@dataclass(frozen=True)
+class SplitWindow:
+    """Target-session boundaries in microseconds since the epoch, plus the world they sit in."""
+
+    world_start: int
+    world_end: int
+    train_start: int
+    train_end: int
+    eval_end: int
+
+    def iso(self) -> dict[str, str]:
+        return {k: datetime.fromtimestamp(v / 1e6, tz=UTC).isoformat() for k, v in asdict(self).items()}
+
+
+# --- Validation: fail before any Ray work starts -----------------------------------------------------------
+def impressions_path(world_dir: Path) -> Path:
+    path = Path(world_dir) / "impressions.parquet"
+    if not path.exists():
+        raise FileNotFoundError(f"no impression log at {path} (expected a parquet file or folder of them)")
+    return path
+
+
+def validate_impressions(path: Path, surfaces: list[str]) -> pads.Dataset:
+    """Check every column the examples need against `schema.IMPRESSIONS`; reject an empty log."""
+    log = pads.dataset(path, format="parquet")
+    for expected in IMPRESSIONS:
+        if expected.name not in EVENT_COLUMNS:
+            continue
+        if expected.name not in log.schema.names:
+            raise ImpressionLogError(
+                f"impression log {path} is missing column {expected.name!r} (expected {expected.type})"
+            )
+        actual = log.schema.field(expected.name).type
+        if not actual.equals(expected.type):
+            raise ImpressionLogError(
+                f"impression log column {expected.name!r} has type {actual}, expected {expected.type}"
+            )
+    for fragment in log.get_fragments():
+        metadata = fragment.metadata
+        for rg in range(metadata.num_row_groups):
+            group = metadata.row_group(rg)
+            for i in range(group.num_columns):
+                chunk = group.column(i)
+                nulls = chunk.statistics.null_count if chunk.statistics is not None else 0
+                if chunk.path_in_schema in EVENT_COLUMNS and nulls:
+                    raise ImpressionLogError(
+                        f"impression log column {chunk.path_in_schema!r} has {nulls} nulls "
+                        f"in {fragment.path}, expected none"
+                    )
+    if log.count_rows() == 0:
+        raise ImpressionLogError(f"impression log {path} is empty; expected at least one impression")
+    if log.count_rows(filter=pc.field("surface").isin(surfaces)) == 0:
+        raise ImpressionLogError(f"impression log column 'surface' has no rows in {surfaces}")
+    return log
+
+
+def _us(value: datetime) -> int:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return int(value.timestamp() * 1_000_000)
+
+
+def resolve_window(cfg: PreprocessConfig, log: pads.Dataset) -> SplitWindow:
+    """Turn day offsets into times: the world's window comes from world.json, else from the log itself."""
+    meta_path = Path(cfg.world_dir) / "world.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        start, end = _us(datetime.fromisoformat(meta["start"])), _us(datetime.fromisoformat(meta["end"]))
+    else:
+        bounds = pc.min_max(log.to_table(columns=["timestamp"]).column("timestamp").cast(pa.int64()))
+        start, end = bounds["min"].as_py(), bounds["max"].as_py() + 1
+
+    def at(boundary: Boundary) -> int:
+        if isinstance(boundary, datetime):
+            return _us(boundary)
+        return (start if boundary >= 0 else end) + round(boundary * DAY_US)
+
+    window = SplitWindow(
+        world_start=start,
+        world_end=end,
+        train_start=at(cfg.train_start),
+        train_end=at(cfg.train_end),
+        eval_end=end if cfg.eval_end is None else at(cfg.eval_end),
+    )
+    if not window.train_start < window.train_end <= window.eval_end:
+        raise ValueError(f"need train_start < train_end <= eval_end, got {window.iso()}")
+    return window
+
+
+# --- The vectorized core: every example of one block of members at once ------------------------------------
+def _column(table: pa.Table, name: str) -> np.ndarray:
+    column = table.column(name)
+    if pa.types.is_timestamp(column.type):
+        column = column.cast(pa.int64())  # tz-aware timestamps would become object arrays
+    return column.to_numpy()
+
+
+def _age_bucket(age_us: np.ndarray) -> np.ndarray:
+    """`schema.age_bucket_us` over an array."""
+    hours = np.maximum(age_us, 0) / 3.6e9
+    return np.minimum(np.floor(np.log2(1.0 + hours)), N_AGE_BUCKETS - 1).astype(np.int8)
+
+
+def _action_bitmask(table: pa.Table) -> np.ndarray:
+    bits = np.zeros(table.num_rows, np.int16)
+    for action in Action:
+        bits |= (_column(table, action.name.lower()) != 0).astype(np.int16) << np.int16(action)
+    return bits
+
+
+def _ranges(begin: np.ndarray, length: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(b, b + n)`` for each (b, n), as one cumulative sum instead of a loop."""
+    out = np.ones(int(length.sum()), np.int64)
+    begin, length = begin[length > 0], length[length > 0]
+    if len(begin):
+        starts = np.cumsum(length) - length
+        out[0] = begin[0]
+        out[starts[1:]] = begin[1:] - (begin[:-1] + length[:-1] - 1)  # jump from the previous range's end
+    return np.cumsum(out, out=out)
+
+
+def _offsets(length: np.ndarray) -> pa.Array:
+    offsets = np.zeros(len(length) + 1, np.int64)
+    np.cumsum(length, out=offsets[1:])
+    if offsets[-1] >= 2**31:
+        raise OverflowError("a block's examples exceed 2^31 list entries; raise num_partitions")
+    return pa.array(offsets.astype(np.int32), pa.int32())
+
+
+def _lists(offsets: pa.Array, values: np.ndarray, kind: pa.DataType) -> pa.Array:
+    return pa.ListArray.from_arrays(offsets, pa.array(values, type=kind))
+
+
+def build_examples(events: pa.Table, window: SplitWindow, max_history: int, min_candidates: int) -> pa.Table:
+    """Examples (schema `BASE_EXAMPLES`) of every target session in ``events``.
+
+    ``events`` must hold *all* events of each of its members (what the repartition by member
+    guarantees). Sorting once by (member, time, session, position) makes each member's timeline
+    contiguous, so a session's history is the slice of its member's timeline that ends at the first
+    event with the session's start time: strictly earlier events only, never the session itself.
+    """
+    if events.num_rows == 0:
+        return BASE_EXAMPLES.empty_table()
+    member, ts = _column(events, "member_id"), _column(events, "timestamp")
+    session, position = _column(events, "session_id"), _column(events, "position")
+    timeline = np.lexsort((position, session, ts, member))
+    member, ts, session, position = member[timeline], ts[timeline], session[timeline], position[timeline]
+
+    row = np.arange(len(timeline))
+    new_member = np.r_[True, member[1:] != member[:-1]]
+    new_instant = new_member | np.r_[True, ts[1:] != ts[:-1]]
+    member_begin = np.maximum.accumulate(np.where(new_member, row, 0))  # first row of the row's member
+    instant_begin = np.maximum.accumulate(np.where(new_instant, row, 0))  # first row at the row's time
+
+    # A session's first timeline row is its start; np.unique orders sessions by id.
+    session_ids, first_row, n_impressions = np.unique(session, return_index=True, return_counts=True)
+    start = ts[first_row]
+    is_target = (start >= window.train_start) & (start < window.eval_end) & (n_impressions >= min_candidates)
+    first_row, start = first_row[is_target], start[is_target]
+    hist_end = instant_begin[first_row]  # rows before it are the member's events strictly before `start`
+    hist_begin = np.maximum(member_begin[first_row], hist_end - max_history)
+    hist_len = hist_end - hist_begin
+    hist_rows = _ranges(hist_begin, hist_len)
+    hist_offsets = _offsets(hist_len)
+
+    # Candidates: timeline rows regrouped by session (ascending id, like session_ids) and slot.
+    by_slot = np.lexsort((position, session))
+    cand_rows = by_slot[np.repeat(is_target, n_impressions)]
+    cand_offsets = _offsets(n_impressions[is_target])
+
+    # Per-event features in timeline order, so each history is a contiguous slice (sequential reads).
+    features = {
+        name: _column(events, name)[timeline] for name in ("item_id", "actor_id", "post_type", "topic")
+    }
+    features["age_bucket"] = _age_bucket(ts - _column(events, "item_created_at")[timeline])
+    features["actions"] = _action_bitmask(events)[timeline]
+    features |= {"session_id": session, "timestamp": ts, "position": position}
+
+    surface = events.column("surface").take(pa.array(timeline[first_row]))
+    columns: dict[str, pa.Array | pa.ChunkedArray] = {
+        "member_id": pa.array(member[first_row], pa.int64()),
+        "session_id": pa.array(session_ids[is_target], pa.int64()),
+        "surface": surface,
+        "session_start": pa.array(start, pa.int64()),
+        "split": pa.array(np.where(start < window.train_end, "train", "eval"), pa.string()),
+        "history_len": pa.array(hist_len.astype(np.int32), pa.int32()),
+    }
+    for field in BASE_EXAMPLES:
+        prefix, _, name = field.name.partition("_")
+        if prefix == "hist":
+            columns[field.name] = _lists(hist_offsets, features[name][hist_rows], field.type.value_type)
+        elif prefix == "cand":
+            columns[field.name] = _lists(cand_offsets, features[name][cand_rows], field.type.value_type)
+    return pa.table(columns, schema=BASE_EXAMPLES)
+
+
+def attach_counters(examples: pa.Table, counter_log: pd.DataFrame | ray.ObjectRef) -> pa.Table:
+    """Add the `COUNTER_FEATURES` of every candidate as of its session start (schema `EXAMPLES`).
+
+    Item and actor counters count every member's impressions, so ``counter_log`` is the whole log,
+    not just this block's members; every block reads the same copy from the object store.
+    """
+    if isinstance(counter_log, ray.ObjectRef):
+        counter_log = ray.get(counter_log)
+    n_cand = pc.list_value_length(examples.column("cand_item_id")).to_numpy(zero_copy_only=False)
+    queries = pd.DataFrame(
+        {
+            "member_id": np.repeat(examples.column("member_id").to_numpy(), n_cand),
+            "item_id": pc.list_flatten(examples.column("cand_item_id")).to_numpy(),
+            "actor_id": pc.list_flatten(examples.column("cand_actor_id")).to_numpy(),
+            "topic": pc.list_flatten(examples.column("cand_topic")).to_numpy(),
+            "ts": np.repeat(examples.column("session_start").to_numpy(), n_cand),
+        }
+    )
+    counters = counters_at(counter_log, queries)
+    offsets = _offsets(n_cand)
+    for name in COUNTER_FEATURES:
+        values = counters[name].to_numpy(dtype=np.float32)
+        examples = examples.append_column(f"cand_{name}", _lists(offsets, values, pa.float32()))
+    return examples.select(EXAMPLES.names).cast(EXAMPLES)
+
+
+def _with_split_folder(examples: pa.Table) -> pa.Table:
+    return examples.append_column(_FOLDER, examples.column("split"))
+
+
+# --- The Ray Data pipeline -------------------------------------------------------------------------------
+def example_dataset(
+    path: Path, window: SplitWindow, cfg: PreprocessConfig, num_partitions: int
+) -> ray.data.Dataset:
+    """Examples without counters as a lazy Dataset (what `run` writes and the benchmark times)."""
+    context = ray.data.DataContext.get_current()
+    default_reader, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        # Ray 2.60's default (V2) parquet reader starts footer-reader actors on every read, which
+        # took 10-35 s per read on 2 busy cores against 0.2 s for the classic reader.
+        events = ray.data.read_parquet(str(path), columns=EVENT_COLUMNS)
+    finally:
+        context.use_datasource_v2 = default_reader
+    events = events.filter(expr=col("surface").is_in(list(cfg.surfaces)))
+    # Every event of a member in one block: a history never straddles two blocks.
+    by_member = events.repartition(num_partitions, keys=["member_id"])
+    build = partial(
+        build_examples, window=window, max_history=cfg.max_history, min_candidates=cfg.min_candidates
+    )
+    # batch_size=None: one call per whole block, since the core needs all of each member's events.
+    return by_member.map_batches(build, batch_size=None, batch_format="pyarrow")
+
+
+def _read_counter_log(path: str) -> pd.DataFrame:
+    # Surface as a categorical: a string column of a million Python objects would not share zero-copy.
+    return pq.read_table(path, columns=COUNTER_LOG_COLUMNS, read_dictionary=["surface"]).to_pandas()
+
+
+def _history_stats(history_len: np.ndarray) -> dict[str, Any]:
+    empty = len(history_len) == 0
+    p10, p50, p90 = (0.0, 0.0, 0.0) if empty else np.percentile(history_len, [10, 50, 90]).tolist()
+    return {
+        "history_len": {
+            "mean": 0.0 if empty else round(float(history_len.mean()), 2),
+            "p10": p10,
+            "p50": p50,
+            "p90": p90,
+            "max": 0 if empty else int(history_len.max()),
+        },
+        "history_slices": {
+            name: int(((history_len >= lo) & (history_len < hi)).sum())
+            for name, (lo, hi) in HISTORY_SLICES.items()
+        },
+    }
+
+
+def _split_summary(folder: str) -> dict[str, Any]:
+    """Row, member and history-length counts of one written split (runs where the files are)."""
+    if not any(Path(folder).glob("*.parquet")):
+        return {"rows": 0, "members": 0, **_history_stats(np.zeros(0, np.int64))}
+    table = pq.read_table(folder, columns=["member_id", "history_len"])
+    return {
+        "rows": table.num_rows,
+        "members": len(pc.unique(table.column("member_id"))),
+        **_history_stats(table.column("history_len").to_numpy()),
+    }
+
+
+def _connect(address: str | None) -> bool:
+    """Join ``address`` (or start a local cluster); True if this call started Ray and should stop it."""
+    if ray.is_initialized():
+        return False
+    runtime_env = {"env_vars": {"RAY_AUTH_MODE": "disabled"}}
+    if address is None:  # "local", not None: never attach by accident to another cluster on this host
+        ray.init(address="local", include_dashboard=False, runtime_env=runtime_env, log_to_driver=False)
+    else:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+    return True
+
+
+def run(cfg: PreprocessConfig) -> dict[str, Any]:
+    """Build, write and publish the examples; return the summary that is also the manifest."""
+    began = time.perf_counter()
+    path = impressions_path(cfg.world_dir)
+    log = validate_impressions(path, list(cfg.surfaces))
+    window = resolve_window(cfg, log)
+    started_ray = _connect(cfg.ray_address)
+    try:
+        partitions = cfg.num_partitions or 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+        examples = example_dataset(path, window, cfg, partitions)
+        counter_log = ray.remote(_read_counter_log).remote(str(path))
+        examples = examples.map_batches(
+            partial(attach_counters, counter_log=counter_log), batch_size=None, batch_format="pyarrow"
+        ).map_batches(_with_split_folder, batch_size=None, batch_format="pyarrow")
+        out_dir = Path(cfg.out_dir).resolve()
+        with atomic_dir(out_dir) as tmp:
+            examples.write_parquet(str(tmp), partition_cols=[_FOLDER], partitioning_flavor=None)
+            for split in SPLITS:
+                (tmp / split).mkdir(exist_ok=True)  # an empty split still gets its folder
+            summarize = ray.remote(_split_summary)
+            counts = ray.get([summarize.remote(str(tmp / split)) for split in SPLITS])
+            splits = {s: {"path": str(out_dir / s), **c} for s, c in zip(SPLITS, counts, strict=True)}
+            summary = {
+                "out_dir": str(out_dir),
+                "splits": splits,
+                "window": window.iso(),
+                "partitions": partitions,
+                "config": cfg.model_dump(mode="json"),
+                "seconds": round(time.perf_counter() - began, 2),
+            }
+            (tmp / MANIFEST).write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_stage(PreprocessConfig, run, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,607 @@
+"""LiGR, LinkedIn's generative ranker, all of it in this one file.
+
+Follows "From Features to Transformers: Redefining Ranking for Scalable Impact" (Borisyuk et al.,
+2025; ``shared/papers/ligr.md``), section by section, top to bottom:
+
+- tokens (3.2): each history event is one item token (a few feature embeddings, concatenated and
+  projected) followed by its action token (the multi-hot outcome, embedded, added to the item's
+  token), HSTU's action interleaving; the candidates of the target session follow the history;
+- historical attention (3.2, 4.0.2): an item reads only earlier sessions, so it never sees its own
+  outcome or its session neighbours, and candidates never see each other: scoring all candidates of
+  a request in one pass equals scoring each alone, and the history is encoded once for all of them;
+- gated pre-norm blocks (3.2, Fig. 3, A.1): ``h <- h + F(LN(h)) * sigmoid(h W)`` for attention and MLP;
+- set-wise in-session attention (3.2, 4.0.2): separate layers where the candidates of one session
+  attend to each other; their output is an additive correction, so serving can apply it to the top
+  10 only;
+- multi-task heads and losses (3.1-3.2): click, contribution, long dwell; BCE per task plus the
+  listwise Attention Rank loss per session;
+- retrieval (3.4): a member tower over the history and a shared item tower, ``LiGRRetrieval``.
+
+Attention is written once as a mask predicate (FlexAttention's ``mask_mod``) over per-token session
+ids and run by a kernel chosen by name, Hugging Face style: ``eager`` (plain PyTorch, the reference),
+``sdpa`` (dense boolean mask) or ``flex`` (FlexAttention block mask).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import cache, partial
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+from workloads.data.schema import N_AGE_BUCKETS, TASKS, PostType
+from workloads.models.base import (
+    NextItemModel,
+    RankingModel,
+    RankingOutput,
+    bce_per_task,
+    next_item_softmax_loss,
+    ranking_loss,
+)
+from workloads.models.batch import N_ACTIONS, RankingBatch, SequenceBatch, task_labels_from_multi_hot
+from workloads.models.config import LiGRConfig, LiGRRetrievalConfig, SequenceRankerConfig
+
+# --- Embeddings -------------------------------------------------------------------------------------
+
+_HASH_MULTIPLIER = 0x9E3779B1  # Fibonacci hashing: spreads consecutive ids over the table
+
+
+def hash_ids(ids: Tensor, size: int, salt: int = 0) -> Tensor:
+    return torch.remainder(ids * _HASH_MULTIPLIER + salt, size)
+
+
+class HashedEmbedding(nn.Module):
+    """Collision-based embedding: raw ids hash into a fixed table (5.1: 33M rows for 150M post ids).
+
+    Appendix A.1 found no AUC difference between 33M and 66M rows, so the table size is a knob
+    traded against memory, not a vocabulary to keep in sync with the catalog.
+    """
+
+    def __init__(self, size: int, dim: int, salt: int = 0) -> None:
+        super().__init__()
+        self.size, self.salt = size, salt
+        self.table = nn.Embedding(size, dim)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.table(hash_ids(ids, self.size, self.salt))
+
+
+class SemanticIdEmbedding(nn.Module):
+    """Prefix n-grams of an item's 3 RQ-VAE codes (5.1): unigram, bigram, hashed trigram, concat-pooled.
+
+    Items without semantic ids (code -1) share one learned "unknown" row per n-gram table.
+    """
+
+    def __init__(self, codebook_size: int, dim: int, trigram_size: int) -> None:
+        super().__init__()
+        self.codebook_size = codebook_size
+        self.unigram = nn.Embedding(codebook_size + 1, dim)
+        self.bigram = nn.Embedding(codebook_size**2 + 1, dim)
+        self.trigram = HashedEmbedding(trigram_size, dim, salt=3)
+
+    def forward(self, codes: Tensor) -> Tensor:  # codes: (..., 3)
+        if codes.shape[-1] != 3:
+            raise ValueError(f"semantic ids: expected 3 levels per item, got {codes.shape[-1]}")
+        K = self.codebook_size
+        known = (codes >= 0).all(dim=-1)
+        c1, c2, c3 = codes.clamp(min=0).unbind(dim=-1)
+        unigram = torch.where(known, c1, K)
+        bigram = torch.where(known, c1 * K + c2, K * K)
+        trigram = torch.where(known, (c1 * K + c2) * K + c3, -1)
+        return torch.cat([self.unigram(unigram), self.bigram(bigram), self.trigram(trigram)], dim=-1)
+
+
+class ItemTokenizer(nn.Module):
+    """One token per item: its enabled feature embeddings, concatenated and projected to d_model (3.2)."""
+
+    def __init__(self, cfg: SequenceRankerConfig) -> None:
+        super().__init__()
+        features = cfg.use_features
+        tables: dict[str, nn.Module] = {}
+        if "item_id" in features:
+            tables["item_id"] = HashedEmbedding(cfg.item_hash_size, cfg.id_dim, salt=1)
+        if "actor_id" in features:
+            tables["actor_id"] = HashedEmbedding(cfg.actor_hash_size, cfg.id_dim, salt=2)
+        if "post_type" in features:
+            tables["post_type"] = nn.Embedding(len(PostType), cfg.id_dim)
+        if "age_bucket" in features:
+            tables["age_bucket"] = nn.Embedding(N_AGE_BUCKETS, cfg.id_dim)
+        if "content" in features:
+            tables["content"] = nn.Linear(cfg.content_dim, cfg.id_dim)
+        width = cfg.id_dim * len(tables)
+        if cfg.use_semantic_ids:
+            tables["semantic_ids"] = SemanticIdEmbedding(
+                cfg.sid_codebook_size, cfg.sid_dim, cfg.sid_trigram_hash_size
+            )
+            width += 3 * cfg.sid_dim
+        self.features = nn.ModuleDict(tables)
+        self.proj = nn.Linear(width, cfg.d_model)
+
+    def forward(self, inputs: Mapping[str, Tensor | None]) -> Tensor:  # -> (..., D)
+        parts = []
+        for name, embed in self.features.items():
+            value = inputs[name]
+            if value is None:
+                raise ValueError(
+                    f"batch has no {name!r} but the model uses it (collate with a SemanticIdTable)"
+                )
+            parts.append(embed(value))
+        return self.proj(torch.cat(parts, dim=-1))
+
+
+def history_features(batch: RankingBatch) -> dict[str, Tensor | None]:
+    return {
+        "item_id": batch.hist_item_id,
+        "actor_id": batch.hist_actor_id,
+        "post_type": batch.hist_post_type,
+        "age_bucket": batch.hist_age_bucket,
+        "content": batch.hist_content,
+        "semantic_ids": batch.hist_semantic_ids,
+    }
+
+
+def candidate_features(batch: RankingBatch) -> dict[str, Tensor | None]:
+    return {
+        "item_id": batch.cand_item_id,
+        "actor_id": batch.cand_actor_id,
+        "post_type": batch.cand_post_type,
+        "age_bucket": batch.cand_age_bucket,
+        "content": batch.cand_content,
+        "semantic_ids": batch.cand_semantic_ids,
+    }
+
+
+# --- Attention masks from session ids ------------------------------------------------------------------
+
+ITEM, ACTION, CANDIDATE = 0, 1, 2  # token kinds
+TARGET_SESSION = 1 << 40  # the candidates' session: later than every history session
+
+MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]  # (batch, head, query, key) -> may attend
+
+
+@dataclass
+class TokenLayout:
+    """Per-token facts the masks are built from; every tensor is (B, L)."""
+
+    session: Tensor  # session ordinal, TARGET_SESSION for candidates
+    kind: Tensor  # ITEM, ACTION or CANDIDATE
+    valid: Tensor  # False at padding
+    recency: Tensor  # events between the token and the target session: 1 = latest history event, 0 = target
+
+    def historical(self) -> MaskMod:
+        """Items read earlier sessions only (plus themselves); actions also read their own session so far.
+
+        Only tokens of later sessions read an action token, so no item ever sees an outcome of its
+        own session, and candidates (all in the target session) never see each other. Padding reads
+        only itself, which keeps every softmax row finite.
+        """
+        session, kind, valid = self.session, self.kind, self.valid
+
+        def mask_mod(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+            earlier = session[b, k] < session[b, q]
+            own_session_so_far = (kind[b, q] == ACTION) & (session[b, k] == session[b, q]) & (k <= q)
+            return (q == k) | (valid[b, q] & valid[b, k] & (earlier | own_session_so_far))
+
+        return mask_mod
+
+    def in_session(self) -> MaskMod:
+        """Set-wise attention: tokens of one session read each other (SetRank-style, 3.2)."""
+        session, valid = self.session, self.valid
+
+        def mask_mod(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+            return (q == k) | (valid[b, q] & valid[b, k] & (session[b, k] == session[b, q]))
+
+        return mask_mod
+
+    @classmethod
+    def interleaved(cls, hist_session: Tensor, hist_mask: Tensor, cand_mask: Tensor) -> TokenLayout:
+        """item_0, action_0, item_1, action_1, ..., then the candidates (S may be 0)."""
+        B, H = hist_mask.shape
+        S = cand_mask.shape[1]
+        device = hist_mask.device
+        recency = (hist_mask.sum(dim=1, keepdim=True) - torch.arange(H, device=device)).clamp(min=0)
+        kinds = torch.tensor([ITEM, ACTION], device=device).repeat(H).expand(B, 2 * H)
+        return cls(
+            session=torch.cat(
+                [hist_session.repeat_interleave(2, dim=1), torch.full((B, S), TARGET_SESSION, device=device)],
+                dim=1,
+            ),
+            kind=torch.cat([kinds, torch.full((B, S), CANDIDATE, device=device)], dim=1),
+            valid=torch.cat([hist_mask.repeat_interleave(2, dim=1), cand_mask], dim=1),
+            recency=torch.cat(
+                [recency.repeat_interleave(2, dim=1), torch.zeros((B, S), dtype=torch.long, device=device)],
+                dim=1,
+            ),
+        )
+
+    @classmethod
+    def one_session(cls, valid: Tensor) -> TokenLayout:
+        """Tokens that all belong to one session (a request's candidates, an item's feature tokens)."""
+        zeros = torch.zeros(valid.shape, dtype=torch.long, device=valid.device)
+        return cls(session=zeros, kind=torch.full_like(zeros, CANDIDATE), valid=valid, recency=zeros)
+
+
+class AttentionMask:
+    """One mask predicate, materialized on demand for the kernel in use (and cached across layers)."""
+
+    def __init__(self, mask_mod: MaskMod, layout: TokenLayout) -> None:
+        self.mask_mod = mask_mod
+        self.recency = layout.recency  # (B, L), for relative position biases
+        self.batch, self.length = layout.valid.shape
+        self.device = layout.valid.device
+        self._dense: Tensor | None = None
+        self._block: BlockMask | None = None
+
+    def dense(self) -> Tensor:  # (B, L, L) bool
+        if self._dense is None:
+            b = torch.arange(self.batch, device=self.device)[:, None, None]
+            q = torch.arange(self.length, device=self.device)[None, :, None]
+            k = torch.arange(self.length, device=self.device)[None, None, :]
+            head = torch.zeros((), dtype=torch.long, device=self.device)
+            self._dense = self.mask_mod(b, head, q, k).expand(self.batch, self.length, self.length)
+        return self._dense
+
+    def block_mask(self) -> BlockMask:
+        if self._block is None:
+            self._block = create_block_mask(
+                self.mask_mod, self.batch, None, self.length, self.length, device=str(self.device)
+            )
+        return self._block
+
+
+# --- Attention kernels, chosen by name --------------------------------------------------------------
+
+
+def eager_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
+    """The reference: softmax(q k^T / sqrt(d) + mask) v in plain PyTorch. q, k, v: (B, nh, L, hd)."""
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, nh, L, L)
+    scores = scores.masked_fill(~mask.dense()[:, None], float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense()[:, None])
+
+
+@cache
+def _compiled_flex_attention() -> Callable[..., Any]:
+    # FlexAttention is only fused (FlashAttention-like memory) when compiled
+    return cast(Callable[..., Any], torch.compile(flex_attention, dynamic=False))
+
+
+def flex_attention_kernel(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
+    """FlexAttention over the block mask: compiled on GPU; on CPU unfused, and for inference only."""
+    if not q.is_cuda and q.requires_grad:
+        # torch 2.13's CPU FlexAttention has no backward pass: train on CPU with the dense mask
+        return sdpa_attention(q, k, v, mask)
+    if q.is_cuda:
+        return cast(Tensor, _compiled_flex_attention()(q, k, v, block_mask=mask.block_mask()))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return cast(Tensor, flex_attention(q, k, v, block_mask=mask.block_mask()))
+
+
+ATTENTION_FUNCTIONS: dict[str, Callable[[Tensor, Tensor, Tensor, AttentionMask], Tensor]] = {
+    "eager": eager_attention,
+    "sdpa": sdpa_attention,
+    "flex": flex_attention_kernel,
+}
+
+
+def attention_function(
+    impl: str, device: torch.device
+) -> Callable[[Tensor, Tensor, Tensor, AttentionMask], Tensor]:
+    if impl == "auto":
+        impl = "flex" if device.type == "cuda" else "sdpa"
+    return ATTENTION_FUNCTIONS[impl]
+
+
+# --- The gated transformer block ------------------------------------------------------------------------
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, attn_impl: str) -> None:
+        super().__init__()
+        self.n_heads, self.attn_impl = n_heads, attn_impl
+        self.q_proj = nn.Linear(d_model, d_model, bias=False)
+        self.k_proj = nn.Linear(d_model, d_model, bias=False)
+        self.v_proj = nn.Linear(d_model, d_model, bias=False)
+        self.o_proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x: Tensor, mask: AttentionMask) -> Tensor:  # x: (B, L, D)
+        B, L, D = x.shape
+
+        def heads(t: Tensor) -> Tensor:
+            return t.view(B, L, self.n_heads, D // self.n_heads).transpose(1, 2)  # (B, nh, L, hd)
+
+        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        y = attention_function(self.attn_impl, x.device)(q, k, v, mask)  # (B, nh, L, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, L, D))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, mult: int) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(d_model, mult * d_model)
+        self.down_proj = nn.Linear(mult * d_model, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.gelu(self.up_proj(x)))
+
+
+class GatedBlock(nn.Module):
+    """Pre-norm block whose sublayer outputs, not the skips, are gated (3.2, Fig. 3, appendix A.1).
+
+    The gate reads the un-normalized residual stream: sigmoid(h W), as in the paper's equation.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, ffn_mult: int, dropout: float, attn_impl: str) -> None:
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(d_model)
+        self.attn = MultiHeadAttention(d_model, n_heads, attn_impl)
+        self.attn_gate = nn.Linear(d_model, d_model, bias=False)
+        self.ffn_norm = nn.LayerNorm(d_model)
+        self.ffn = FeedForward(d_model, ffn_mult)
+        self.ffn_gate = nn.Linear(d_model, d_model, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, h: Tensor, mask: AttentionMask) -> Tensor:  # h: (B, L, D)
+        # h_{j+1} = h_j + F(LN(h_j)) * sigmoid(h_j W)
+        h = h + self.dropout(self.attn(self.attn_norm(h), mask)) * torch.sigmoid(self.attn_gate(h))
+        h = h + self.dropout(self.ffn(self.ffn_norm(h))) * torch.sigmoid(self.ffn_gate(h))
+        return h
+
+
+# --- Backbone, heads, ranker ------------------------------------------------------------------------------
+
+
+class LiGRModel(nn.Module):
+    """Interleaved history tokens + candidate tokens -> hidden states under historical attention."""
+
+    def __init__(self, cfg: SequenceRankerConfig, make_block: Callable[[], nn.Module]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.items = ItemTokenizer(cfg)
+        self.actions = nn.Linear(N_ACTIONS, cfg.d_model)
+        # learned positions by recency (A.1 found them as good as a relative bias); 0 = target session
+        self.position = nn.Embedding(cfg.max_history + 1, cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(make_block() for _ in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, batch: RankingBatch) -> tuple[Tensor, Tensor]:
+        """(item-token states (B, H, D), candidate states (B, S, D))."""
+        H, S = batch.hist_item_id.shape[1], batch.cand_item_id.shape[1]
+        if self.cfg.max_history < H or self.cfg.max_candidates < S:
+            raise ValueError(
+                f"batch has {H} history events and {S} candidates; the model was built for "
+                f"max_history={self.cfg.max_history}, max_candidates={self.cfg.max_candidates}"
+            )
+        layout = TokenLayout.interleaved(batch.hist_session, batch.hist_mask, batch.cand_mask)
+        position = self.position(layout.recency[:, 0 : 2 * H : 2])  # (B, H, D)
+        item_tokens = self.items(history_features(batch)) + position
+        # the outcome token carries its item too, so later sessions read (item, outcome) pairs directly;
+        # with the action embedding alone, tiny worlds never learned member-actor affinity (docs/models.md)
+        action_tokens = item_tokens + self.actions(batch.hist_actions)
+        history = torch.stack([item_tokens, action_tokens], dim=2).flatten(1, 2)  # (B, 2H, D)
+        candidates = self.items(candidate_features(batch)) + self.position.weight[0]  # (B, S, D)
+        x = self.dropout(torch.cat([history, candidates], dim=1))  # (B, 2H + S, D)
+        mask = AttentionMask(layout.historical(), layout)
+        for block in self.blocks:
+            x = block(x, mask)
+        x = self.norm(x)
+        # outputs at action positions are not used (3.2): they only serve as keys for later sessions
+        return x[:, 0 : 2 * H : 2], x[:, 2 * H :]
+
+
+class TaskHeads(nn.Module):
+    """One small MLP per task; each action is its own task (5.1)."""
+
+    def __init__(self, d_model: int, tasks: list[str] = TASKS) -> None:
+        super().__init__()
+        self.heads = nn.ModuleDict(
+            {
+                task: nn.Sequential(nn.Linear(d_model, d_model), nn.SiLU(), nn.Linear(d_model, 1))
+                for task in tasks
+            }
+        )
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., D) -> (..., T)
+        return torch.cat([head(x) for head in self.heads.values()], dim=-1)
+
+
+def init_weights(module: nn.Module) -> None:
+    """Scale-preserving init at any width: LeCun-normal linears, embedding rows of norm about 1.
+
+    (nanoGPT's fixed 0.02 suits d_model=768; at the small widths used here it would shrink every
+    projection's output and bury item features under the position embeddings.)
+    """
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=module.in_features**-0.5)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=module.embedding_dim**-0.5)
+
+
+class GenerativeRanker(RankingModel):
+    """What LiGR and its HSTU variant share: tokens, masks, set-wise layers, heads, losses.
+
+    Subclasses choose the transformer layer (``make_block``); everything else is identical, so the
+    LiGR vs HSTU comparison (5.1) varies only the layer.
+    """
+
+    cfg: SequenceRankerConfig
+
+    def __init__(self, cfg: SequenceRankerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = LiGRModel(cfg, self.make_block)
+        self.pointwise_head = TaskHeads(cfg.d_model)
+        if cfg.setwise:
+            self.setwise_blocks = nn.ModuleList(self.make_block() for _ in range(cfg.n_setwise_layers))
+            self.setwise_norm = nn.LayerNorm(cfg.d_model)
+            self.setwise_head = TaskHeads(cfg.d_model)
+        self.apply(init_weights)
+        if cfg.setwise:  # start as "no correction": the set-wise part learns only what pointwise misses
+            for head in self.setwise_head.heads.values():
+                nn.init.zeros_(cast(nn.Linear, head[-1]).weight)
+
+    def make_block(self) -> nn.Module:
+        raise NotImplementedError
+
+    def encode(self, batch: RankingBatch) -> Tensor:
+        """(B, S, D) candidate states after historical attention: the history is encoded once."""
+        return self.backbone(batch)[1]
+
+    def setwise_correction(self, cand_states: Tensor, cand_mask: Tensor) -> Tensor:
+        """(B, S, T): the candidates of one session attend to each other; the result is added to pointwise."""
+        layout = TokenLayout.one_session(cand_mask)
+        mask = AttentionMask(layout.in_session(), layout)
+        x = cand_states
+        for block in self.setwise_blocks:
+            x = block(x, mask)
+        return self.setwise_head(self.setwise_norm(x))
+
+    def forward(self, batch: RankingBatch) -> RankingOutput:
+        hist_states, cand_states = self.backbone(batch)
+        pointwise = self.pointwise_head(cand_states)  # (B, S, T)
+        setwise = self.setwise_correction(cand_states, batch.cand_mask) if self.cfg.setwise else None
+        logits = pointwise if setwise is None else pointwise + setwise
+        loss = None
+        if batch.labels is not None:
+            loss = self.loss(batch, logits, pointwise, hist_states)
+        return RankingOutput(logits=logits, pointwise_logits=pointwise, setwise_logits=setwise, loss=loss)
+
+    def loss(self, batch: RankingBatch, logits: Tensor, pointwise: Tensor, hist_states: Tensor) -> Tensor:
+        assert batch.labels is not None
+        weight = self.cfg.attention_rank_loss_weight
+        loss = ranking_loss(logits, batch.labels, batch.cand_mask, weight)
+        if self.cfg.setwise:
+            # serving ranks items 11..end by the pointwise part alone (4.0.2), so it is trained alone too
+            loss = loss + ranking_loss(pointwise, batch.labels, batch.cand_mask, weight)
+        if self.cfg.history_loss_weight > 0:
+            # generative training (3.2): every history item predicts its own outcome from earlier sessions
+            hist_labels = task_labels_from_multi_hot(batch.hist_actions)
+            hist_loss = bce_per_task(self.pointwise_head(hist_states), hist_labels, batch.hist_mask)
+            loss = loss + self.cfg.history_loss_weight * hist_loss
+        return loss
+
+    def score_pointwise(self, batch: RankingBatch, cand_states: Tensor | None = None) -> Tensor:
+        """(B, S, T); pass ``cand_states`` from ``encode`` to reuse one history encoding."""
+        return self.pointwise_head(self.encode(batch) if cand_states is None else cand_states)
+
+    def score_setwise(
+        self, batch: RankingBatch, top_k_idx: Tensor, cand_states: Tensor | None = None
+    ) -> Tensor:
+        """(B, k, T) correction for the candidates ``top_k_idx`` (B, k), attending only to each other."""
+        if not self.cfg.setwise:
+            return super().score_setwise(batch, top_k_idx)
+        states = self.encode(batch) if cand_states is None else cand_states
+        chosen = states.gather(1, top_k_idx.unsqueeze(-1).expand(-1, -1, states.shape[-1]))  # (B, k, D)
+        return self.setwise_correction(chosen, batch.cand_mask.gather(1, top_k_idx))
+
+
+class LiGRForRanking(GenerativeRanker):
+    """LiGR: the generative ranker with gated pre-norm transformer blocks."""
+
+    cfg: LiGRConfig
+
+    def __init__(self, cfg: LiGRConfig) -> None:
+        super().__init__(cfg)
+
+    def make_block(self) -> nn.Module:
+        cfg = self.cfg
+        return GatedBlock(cfg.d_model, cfg.n_heads, cfg.ffn_mult, cfg.dropout, cfg.attn_impl)
+
+
+# --- Retrieval (3.4) -----------------------------------------------------------------------------------
+
+
+class LiGRRetrieval(NextItemModel):
+    """Two towers for next-item retrieval: a LiGR member tower over the interleaved history, and an item
+    tower whose layers are shared by the candidates and the history items (5.2: sharing helped most).
+
+    With ``interleave_actions`` (the paper's "green blocks") each event is an item token and an action
+    token; an item token predicts its action (a shared action head) and the action token's state is
+    the user after that event, which retrieves the next item. The item tower reads the item's feature
+    tokens; MovieLens items have one, the id. Scores are dot products, so the whole catalog is ranked
+    with one matrix product.
+    """
+
+    cfg: LiGRRetrievalConfig
+
+    def __init__(self, cfg: LiGRRetrievalConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        block = partial(GatedBlock, cfg.d_model, cfg.n_heads, cfg.ffn_mult, cfg.dropout, cfg.attn_impl)
+        self.item_id = HashedEmbedding(cfg.item_hash_size, cfg.d_model, salt=1)
+        self.item_blocks = nn.ModuleList(block() for _ in range(cfg.n_item_layers))
+        self.item_norm = nn.LayerNorm(cfg.d_model)
+        self.actions = nn.Linear(N_ACTIONS, cfg.d_model)
+        self.position = nn.Embedding(cfg.max_len + 1, cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.member_blocks = nn.ModuleList(block() for _ in range(cfg.n_layers))
+        self.member_norm = nn.LayerNorm(cfg.d_model)
+        self.action_head = nn.Linear(cfg.d_model, N_ACTIONS)
+        self.apply(init_weights)
+
+    def item_embedding(self, item_ids: Tensor) -> Tensor:
+        tokens = self.item_id(item_ids.reshape(-1, 1))  # (N, F=1, D): one token per item feature
+        layout = TokenLayout.one_session(torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device))
+        mask = AttentionMask(layout.in_session(), layout)
+        for block in self.item_blocks:
+            tokens = block(tokens, mask)
+        return self.item_norm(tokens).mean(dim=1).reshape(*item_ids.shape, -1)
+
+    def member_states(self, batch: SequenceBatch) -> tuple[Tensor, Tensor]:
+        """(item-token states, user states after each event), both (B, L, D)."""
+        B, L = batch.item_id.shape
+        if self.cfg.max_len < L:
+            raise ValueError(f"sequence length {L} exceeds max_len={self.cfg.max_len}")
+        every_event_a_session = torch.arange(L, device=batch.item_id.device).expand(B, L)
+        no_candidates = batch.mask[:, :0]
+        layout = TokenLayout.interleaved(every_event_a_session, batch.mask, no_candidates)
+        position = self.position(layout.recency[:, 0 : 2 * L : 2])  # (B, L, D)
+        items = self.item_embedding(batch.item_id) + position
+        if not self.cfg.interleave_actions:
+            layout = TokenLayout(
+                layout.session[:, ::2], layout.kind[:, ::2], batch.mask, layout.recency[:, ::2]
+            )
+            x = self.dropout(items)
+        else:
+            actions = batch.actions if batch.actions is not None else items.new_zeros((B, L, N_ACTIONS))
+            x = self.dropout(torch.stack([items, items + self.actions(actions)], dim=2).flatten(1, 2))
+        mask = AttentionMask(layout.historical(), layout)
+        for block in self.member_blocks:
+            x = block(x, mask)
+        x = self.member_norm(x)
+        if not self.cfg.interleave_actions:
+            return x, x
+        return x[:, 0::2], x[:, 1::2]
+
+    def user_embedding(self, batch: SequenceBatch) -> Tensor:
+        _, user_states = self.member_states(batch)
+        last = (batch.mask.sum(dim=1) - 1).clamp(min=0)
+        return user_states[torch.arange(len(last), device=last.device), last]  # (B, D)
+
+    def loss(self, batch: SequenceBatch, candidate_ids: Tensor | None = None) -> Tensor:
+        item_states, user_states = self.member_states(batch)
+        pairs = batch.mask[:, :-1] & batch.mask[:, 1:]  # the state after event t retrieves event t+1
+        if not pairs.any():
+            raise ValueError("next-item loss needs sequences with at least two events")
+        loss = next_item_softmax_loss(
+            user_states[:, :-1][pairs], batch.item_id[:, 1:][pairs], self.item_embedding, candidate_ids
+        )
+        if self.cfg.interleave_actions and batch.actions is not None and self.cfg.action_loss_weight > 0:
+            action_logits = self.action_head(item_states)[batch.mask]
+            loss = loss + self.cfg.action_loss_weight * F.binary_cross_entropy_with_logits(
+                action_logits, batch.actions[batch.mask]
+            )
+        return loss
