@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
+from workloads.data.atomic import MANIFEST, atomic_dir
 from workloads.data.counters import COUNTER_GROUPS, DAY_US, counter_snapshots, empty_counters, to_epoch_us
 from workloads.data.schema import ACTION_COLUMNS, COUNTER_FEATURES, N_AGE_BUCKETS, TS, WORLD_TABLES, data_root
 from workloads.stage import run_stage
@@ -54,6 +55,10 @@ class FeatureTablesConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     history_len: int = Field(256, ge=1, le=8192, description="impressions kept per member history (last N)")
+    # The same default as PreprocessConfig.surfaces: serving must show LiGR the history it trained on.
+    history_surfaces: list[Literal["feed", "jobs"]] = Field(
+        ["feed"], min_length=1, description="surfaces whose impressions make up the history"
+    )
     history_snapshots: int = Field(
         1, ge=1, description="daily member_history snapshots ending at the world's end (1 = the end only)"
     )
@@ -132,13 +137,17 @@ def age_buckets(age_us: np.ndarray) -> np.ndarray:
     return np.minimum(np.floor(np.log2(1.0 + hours)), N_AGE_BUCKETS - 1).astype(np.int32)
 
 
-def member_history_table(impressions: pd.DataFrame, as_of: Sequence[int], length: int) -> pa.Table:
+def member_history_table(
+    impressions: pd.DataFrame, as_of: Sequence[int], length: int, surfaces: Sequence[str] = ("feed",)
+) -> pa.Table:
     """Each member's last `length` impressions strictly before each snapshot time, as parallel arrays.
 
-    A snapshot holds the members with impressions since the previous snapshot (all of them in the
-    first): the latest row at or before a snapshot time is then still the member's history at it.
+    Ordered like preprocessing's timelines (time, session, position). A snapshot holds the members
+    with impressions since the previous snapshot (all of them in the first): the latest row at or
+    before a snapshot time is then still the member's history at that time.
     """
-    log = impressions.sort_values(["member_id", "timestamp", "session_id", "position"], kind="stable")
+    log = impressions[impressions["surface"].isin(list(surfaces))]
+    log = log.sort_values(["member_id", "timestamp", "session_id", "position"], kind="stable")
     member = log["member_id"].to_numpy(dtype=np.int64)
     ts = to_epoch_us(log["timestamp"], "timestamp")
     actions = np.zeros(len(log), dtype=np.int32)
@@ -196,24 +205,6 @@ def _daily(end: int, count: int) -> list[int]:
     return [end - k * DAY_US for k in reversed(range(count))]
 
 
-def _replace_dir(tables: dict[str, pa.Table], manifest: dict[str, Any], out: Path) -> None:
-    """Write into a sibling temp folder, then swap it in: readers see old tables or new ones, never half."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        for name, table in tables.items():
-            pq.write_table(table, tmp / f"{name}.parquet")
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            old = tmp.with_suffix(".old")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def build_feature_tables(world_dir: Path, cfg: FeatureTablesConfig | None = None) -> dict[str, Any]:
     """Write world_dir/features/*.parquet (replaced atomically) and return a summary."""
     cfg = cfg or FeatureTablesConfig()
@@ -228,7 +219,9 @@ def build_feature_tables(world_dir: Path, cfg: FeatureTablesConfig | None = None
         "member_profile": member_profile_table(world["members"]),
         "actor_profile": actor_profile_table(world["actors"]),
         "item_features": item_features_table(world["items"]),
-        "member_history": member_history_table(impressions, history_as_of, cfg.history_len),
+        "member_history": member_history_table(
+            impressions, history_as_of, cfg.history_len, cfg.history_surfaces
+        ),
         **counter_snapshots(impressions, counter_as_of),
     }
     as_iso = [_iso(t) for t in counter_as_of]
@@ -240,7 +233,10 @@ def build_feature_tables(world_dir: Path, cfg: FeatureTablesConfig | None = None
         "rows": {name: table.num_rows for name, table in tables.items()},
         "config": cfg.model_dump(),
     }
-    _replace_dir(tables, manifest, world_dir / "features")
+    with atomic_dir(world_dir / "features") as tmp:
+        for name, table in tables.items():
+            pq.write_table(table, tmp / f"{name}.parquet")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return {"out": str(world_dir / "features"), **manifest, "seconds": round(time.perf_counter() - began, 2)}
 
 
