@@ -180,6 +180,10 @@ def operator(
     peering: Annotated[
         str | None, typer.Option(help="kopf peering name, for more than one replica (default: standalone).")
     ] = None,
+    priority: Annotated[
+        int | None,
+        typer.Option(help="kopf peering priority: with peering, the highest-priority replica acts."),
+    ] = None,
     verbose: Annotated[bool, typer.Option(help="Log every handler run.")] = False,
 ) -> None:
     """Run the RankingModel operator (kopf) against the cluster of the kubeconfig or the service account."""
@@ -196,6 +200,7 @@ def operator(
         namespaces=namespaces or (),
         standalone=peering is None,
         peering_name=peering,
+        priority=priority,
         liveness_endpoint=liveness,
     )
 

@@ -29,6 +29,7 @@ from operators.api.v1alpha1 import (
     Condition,
     ConditionStatus,
     ConditionType,
+    GateMetric,
     GateResult,
     ModelVersion,
     Phase,
@@ -305,10 +306,14 @@ class _Pipeline:
             return
         gate = self.spec.evaluation
         verdict = summary.gate
+        if gate.task is not None and gate.task in summary.task_auc:
+            auc: float | None = summary.task_auc[gate.task]  # the gate's task, as the printer column says
+        elif summary.auc is not None:
+            auc = summary.auc
+        else:
+            auc = verdict.value if gate.metric is GateMetric.AUC else None
         candidate.metrics = VersionMetrics(
-            auc=summary.auc if summary.auc is not None else (verdict.value if gate.metric == "auc" else None),
-            normalized_entropy=summary.normalized_entropy,
-            task_auc=summary.task_auc,
+            auc=auc, normalized_entropy=summary.normalized_entropy, task_auc=summary.task_auc
         )
         candidate.gate = GateResult(
             passed=verdict.passed,

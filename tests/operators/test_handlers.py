@@ -371,6 +371,30 @@ async def test_a_failed_rayjob_surfaces_as_a_failed_condition_with_its_reason(
         assert set(live(cluster, RAYJOBS)) == {"feed-ligr-v1-preprocess"}, "no stage after a failed one"
 
 
+async def test_suspend_suspends_the_running_rayjob_and_resume_releases_it(
+    cluster: ApiServer, api: httpx.AsyncClient
+) -> None:
+    async with operator_running():
+        await apply(api, VALID_MANIFEST | {"metadata": {"name": "feed-ligr", "namespace": NS}})
+        await eventually(lambda: "feed-ligr-v1-preprocess" in live(cluster, RAYJOBS), "preprocess RayJob")
+        await set_status(api, RAYJOBS, "feed-ligr-v1-preprocess", {"jobDeploymentStatus": "Running"})
+        await edit_spec(api, "feed-ligr", {"suspend": True})
+        await eventually(
+            lambda: live(cluster, RAYJOBS)["feed-ligr-v1-preprocess"]["spec"]["suspend"] is True,
+            "RayJob suspended",
+        )
+        await eventually(lambda: model(cluster)["status"]["phase"] == "Suspended", "phase Suspended")
+        assert condition(model(cluster), "Suspended")["status"] == "True"
+        await set_status(api, RAYJOBS, "feed-ligr-v1-preprocess", {"jobDeploymentStatus": "Suspended"})
+        await edit_spec(api, "feed-ligr", {"suspend": False})
+        await eventually(
+            lambda: live(cluster, RAYJOBS)["feed-ligr-v1-preprocess"]["spec"]["suspend"] is False,
+            "RayJob resumed",
+        )
+        await eventually(lambda: model(cluster)["status"]["phase"] == "Preprocessing", "phase Preprocessing")
+    assert creations(cluster, RAYJOBS) == ["feed-ligr-v1-preprocess"], "suspending is not a new version"
+
+
 async def test_a_manifest_the_operator_rejects_gets_a_condition_naming_the_field_and_no_children(
     cluster: ApiServer, api: httpx.AsyncClient
 ) -> None:

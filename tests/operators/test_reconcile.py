@@ -427,6 +427,31 @@ def test_a_spec_change_mid_pipeline_abandons_the_old_candidate(manifest: dict[st
     assert model.status.candidate_version is not None and model.status.candidate_version.name == "v2"
 
 
+def test_the_recorded_auc_is_the_gate_tasks_when_the_gate_names_one(manifest: dict[str, Any]) -> None:
+    manifest["spec"]["evaluation"]["task"] = "long_dwell"
+    children, model = FakeChildren(), as_model(manifest)
+    model = serve_first_version(model, children)
+    assert model.status.current_version is not None and model.status.current_version.metrics is not None
+    assert model.status.current_version.metrics.auc == 0.73
+    assert model.status.current_version.gate is not None
+    assert model.status.current_version.gate.metric == "auc[long_dwell]"
+
+
+def test_a_brew_model_has_no_preprocess_stage(manifest: dict[str, Any]) -> None:
+    manifest["spec"]["model"] = {"kind": "brew", "baseModel": "pvc://rankray-models/smollm2"}
+    children, model = FakeChildren(), as_model(manifest)
+    model, plan = step(model, children)
+    assert [c.name for c in plan.create] == ["feed-ligr-v1-train"]
+    assert model.status.phase is Phase.TRAINING and model.status.children.preprocess_job is None
+    children.succeed("feed-ligr-v1-train")
+    model, plan = step(model, children)
+    assert [c.name for c in plan.create] == ["feed-ligr-v1-evaluate"]
+    children.succeed("feed-ligr-v1-evaluate", PASSING)
+    model, plan = step(model, children)
+    app = plan.create[0]
+    assert isinstance(app, ServingApp) and app.version.artifact_uri.endswith("/feed-ligr/v1/artifact")
+
+
 def test_a_deleted_model_deletes_every_child(manifest: dict[str, Any]) -> None:
     children = FakeChildren()
     model = serve_first_version(as_model(manifest), children)

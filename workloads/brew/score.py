@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import math
 import os
 import threading
 from collections.abc import Coroutine, Sequence
@@ -170,6 +169,7 @@ class VLLMEngine:
 
     def close(self) -> None:
         self.engine.shutdown()
+        del self.engine  # now, not in __del__ at interpreter exit when vLLM's modules are gone
 
 
 class VLLMScorer:
@@ -212,11 +212,6 @@ def make_scorer(artifact: BrewArtifact, config: ScorerConfig) -> Scorer:
             "set backend: transformers to score without it"
         ) from err
     return VLLMScorer(artifact, config)
-
-
-def nan_safe_mean(values: Sequence[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return sum(finite) / len(finite) if finite else math.nan
 
 
 def artifact_for_base(

@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -33,7 +30,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from workloads.data.atomic import MANIFEST, atomic_dir
 from workloads.data.counters import COUNTER_GROUPS, DAY_US, counter_snapshots, empty_counters, to_epoch_us
-from workloads.data.schema import ACTION_COLUMNS, COUNTER_FEATURES, N_AGE_BUCKETS, TS, WORLD_TABLES, data_root
+from workloads.data.schema import (
+    ACTION_COLUMNS,
+    CONTENT_DIM,
+    COUNTER_FEATURES,
+    N_AGE_BUCKETS,
+    TS,
+    WORLD_TABLES,
+    data_root,
+)
 from workloads.stage import run_stage
 
 HOUR_US = 3_600 * 1_000_000
@@ -386,13 +391,13 @@ class OnlineFeatures:
     def item_features(self, item_ids: Sequence[int]) -> dict[str, Any]:
         """Item features as numpy arrays (``content_emb`` is (n, dim) float32) and a ``found`` mask."""
         raw = self._read("item_features", {"item_id": [int(i) for i in item_ids]})
-        found = np.array([e is not None for e in raw["content_emb"]])
-        dim = len(next((e for e in raw["content_emb"] if e is not None), []))
+        found = np.array([e is not None for e in raw["content_emb"]], dtype=bool)
+        embeddings = [e for e in raw["content_emb"] if e is not None]
+        dim = len(embeddings[0]) if embeddings else CONTENT_DIM
         out: dict[str, Any] = {"item_id": np.asarray(raw["item_id"], dtype=np.int64), "found": found}
-        out["content_emb"] = np.array(
-            [e if e is not None else [0.0] * dim for e in raw["content_emb"]], np.float32
-        )
-        out["content_emb"] = out["content_emb"].reshape(len(found), dim)
+        out["content_emb"] = np.zeros((len(found), dim), dtype=np.float32)  # zeros for unknown items
+        if embeddings:
+            out["content_emb"][found] = np.asarray(embeddings, dtype=np.float32)
         for name in ("actor_id", "post_type", "topic"):
             out[name] = np.array([-1 if v is None else v for v in raw[name]], dtype=np.int64)
         out["created_at"] = _int64_us(raw["created_at"])

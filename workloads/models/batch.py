@@ -20,11 +20,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-from workloads.data.schema import (
-    COUNTER_FEATURES,
-    TASKS,
-    Action,
-)
+from workloads.data.schema import COUNTER_FEATURES, N_AGE_BUCKETS, TASKS, Action, PostType
 
 
 @dataclass
@@ -218,9 +214,13 @@ class _Layout:
     batch: int
 
     @classmethod
-    def build(cls, lengths: np.ndarray, limit: int | None, keep_last: bool) -> _Layout:
+    def build(
+        cls, lengths: np.ndarray, limit: int | None, keep_last: bool, pad_to_limit: bool = False
+    ) -> _Layout:
         kept = lengths if limit is None else np.minimum(lengths, limit)
         width = max(int(kept.max()) if len(kept) else 0, 1)  # never zero-width: attention needs a key
+        if pad_to_limit and limit is not None:
+            width = limit
         row = np.repeat(np.arange(len(kept)), kept)
         col = np.arange(int(kept.sum())) - np.repeat(np.cumsum(kept) - kept, kept)
         first = np.cumsum(lengths) - lengths + (lengths - kept if keep_last else 0)
@@ -281,6 +281,15 @@ _CAND_REQUIRED = [
 ]
 
 
+# categorical columns the models embed with small fixed tables
+_VOCABULARIES = {
+    "hist_post_type": len(PostType),
+    "cand_post_type": len(PostType),
+    "hist_age_bucket": N_AGE_BUCKETS,
+    "cand_age_bucket": N_AGE_BUCKETS,
+}
+
+
 def _check_lengths(lengths: dict[str, np.ndarray], reference: str) -> None:
     for name, lens in lengths.items():
         bad = np.nonzero(lens != lengths[reference])[0]
@@ -297,12 +306,15 @@ def collate(
     max_history: int | None = None,
     max_candidates: int | None = None,
     semantic_ids: SemanticIdTable | None = None,
+    pad_to_limits: bool = False,
 ) -> RankingBatch:
     """Pad a batch of example rows into a ``RankingBatch``.
 
     History keeps the most recent ``max_history`` events (the tail of the time-ordered list);
-    candidates keep the first ``max_candidates`` slots. ``labels`` come from ``cand_actions`` when the
-    rows have it (training and evaluation) and are None otherwise (serving).
+    candidates keep the first ``max_candidates`` slots. Padding goes to the longest row, or with
+    ``pad_to_limits`` to the limits themselves (fixed shapes, for compiled kernels). ``labels`` come
+    from ``cand_actions`` when the rows have it (training and evaluation) and are None otherwise
+    (serving).
     """
     missing = [c for c in (*_HIST_REQUIRED, *_CAND_REQUIRED) if c not in rows]
     if missing:
@@ -314,8 +326,14 @@ def collate(
     cand = {c: _ragged(rows[c], c) for c in cand_cols}
     _check_lengths({c: lens for c, (_, lens) in cand.items()}, "cand_item_id")
 
-    h = _Layout.build(hist["hist_item_id"][1], max_history, keep_last=True)
-    s = _Layout.build(cand["cand_item_id"][1], max_candidates, keep_last=False)
+    h = _Layout.build(hist["hist_item_id"][1], max_history, keep_last=True, pad_to_limit=pad_to_limits)
+    s = _Layout.build(cand["cand_item_id"][1], max_candidates, keep_last=False, pad_to_limit=pad_to_limits)
+    for name, high in _VOCABULARIES.items():
+        values = (hist if name.startswith("hist_") else cand)[name][0]
+        if len(values) and (values.min() < 0 or values.max() >= high):
+            raise ValueError(
+                f"column {name!r}: expected values in [0, {high}), found {values.min()}..{values.max()}"
+            )
     hist_mask, cand_mask = h.mask, s.mask
 
     def hist_ids(name: str) -> np.ndarray:

@@ -56,6 +56,7 @@ class Tower(nn.Module):
 
 class DCNv2ForRanking(RankingModel):
     cfg: DCNv2Config
+    task_order: Tensor
 
     def __init__(self, cfg: DCNv2Config) -> None:
         super().__init__()

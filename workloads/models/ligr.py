@@ -271,8 +271,9 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tens
 
 @cache
 def _compiled_flex_attention() -> Callable[..., Any]:
-    # FlexAttention is only fused (FlashAttention-like memory) when compiled
-    return cast(Callable[..., Any], torch.compile(flex_attention, dynamic=False))
+    # FlexAttention is only fused (FlashAttention-like memory) when compiled; shapes that vary from
+    # batch to batch make it recompile once with dynamic shapes (collate(pad_to_limits=True) avoids that)
+    return cast(Callable[..., Any], torch.compile(flex_attention))
 
 
 def flex_attention_kernel(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
@@ -390,7 +391,9 @@ class LiGRModel(nn.Module):
         # with the action embedding alone, tiny worlds never learned member-actor affinity (docs/models.md)
         action_tokens = item_tokens + self.actions(batch.hist_actions)
         history = torch.stack([item_tokens, action_tokens], dim=2).flatten(1, 2)  # (B, 2H, D)
-        candidates = self.items(candidate_features(batch)) + self.position.weight[0]  # (B, S, D)
+        candidates = self.items(candidate_features(batch)) + self.position(
+            layout.recency[:, 2 * H :]
+        )  # (B, S, D)
         x = self.dropout(torch.cat([history, candidates], dim=1))  # (B, 2H + S, D)
         mask = AttentionMask(layout.historical(), layout)
         for block in self.blocks:
@@ -405,15 +408,11 @@ class TaskHeads(nn.Module):
 
     def __init__(self, d_model: int, tasks: list[str] = TASKS) -> None:
         super().__init__()
-        self.heads = nn.ModuleDict(
-            {
-                task: nn.Sequential(nn.Linear(d_model, d_model), nn.SiLU(), nn.Linear(d_model, 1))
-                for task in tasks
-            }
-        )
+        self.hidden = nn.ModuleDict({task: nn.Linear(d_model, d_model) for task in tasks})
+        self.out = nn.ModuleDict({task: nn.Linear(d_model, 1) for task in tasks})
 
     def forward(self, x: Tensor) -> Tensor:  # (..., D) -> (..., T)
-        return torch.cat([head(x) for head in self.heads.values()], dim=-1)
+        return torch.cat([self.out[task](F.silu(hidden(x))) for task, hidden in self.hidden.items()], dim=-1)
 
 
 def init_weights(module: nn.Module) -> None:
@@ -450,8 +449,8 @@ class GenerativeRanker(RankingModel):
             self.setwise_head = TaskHeads(cfg.d_model)
         self.apply(init_weights)
         if cfg.setwise:  # start as "no correction": the set-wise part learns only what pointwise misses
-            for head in self.setwise_head.heads.values():
-                nn.init.zeros_(cast(nn.Linear, head[-1]).weight)
+            for out in self.setwise_head.out.values():
+                nn.init.zeros_(cast(nn.Linear, out).weight)
 
     def make_block(self) -> nn.Module:
         raise NotImplementedError
@@ -476,16 +475,17 @@ class GenerativeRanker(RankingModel):
         logits = pointwise if setwise is None else pointwise + setwise
         loss = None
         if batch.labels is not None:
-            loss = self.loss(batch, logits, pointwise, hist_states)
+            loss = self.loss(batch, batch.labels, logits, pointwise, hist_states)
         return RankingOutput(logits=logits, pointwise_logits=pointwise, setwise_logits=setwise, loss=loss)
 
-    def loss(self, batch: RankingBatch, logits: Tensor, pointwise: Tensor, hist_states: Tensor) -> Tensor:
-        assert batch.labels is not None
+    def loss(
+        self, batch: RankingBatch, labels: Tensor, logits: Tensor, pointwise: Tensor, hist_states: Tensor
+    ) -> Tensor:
         weight = self.cfg.attention_rank_loss_weight
-        loss = ranking_loss(logits, batch.labels, batch.cand_mask, weight)
+        loss = ranking_loss(logits, labels, batch.cand_mask, weight)
         if self.cfg.setwise:
             # serving ranks items 11..end by the pointwise part alone (4.0.2), so it is trained alone too
-            loss = loss + ranking_loss(pointwise, batch.labels, batch.cand_mask, weight)
+            loss = loss + ranking_loss(pointwise, labels, batch.cand_mask, weight)
         if self.cfg.history_loss_weight > 0:
             # generative training (3.2): every history item predicts its own outcome from earlier sessions
             hist_labels = task_labels_from_multi_hot(batch.hist_actions)

@@ -53,11 +53,11 @@ __all__ = [
 
 def parse_model_config(raw: dict[str, Any]) -> LiGRConfig | HSTUConfig | DCNv2Config:
     """A ranking model config from plain data (e.g. a checkpoint's ``config.json``)."""
-    return _MODEL_CONFIG.validate_python(raw)  # type: ignore[no-any-return]
+    return _MODEL_CONFIG.validate_python(raw)
 
 
 def parse_retrieval_config(raw: dict[str, Any]) -> LiGRRetrievalConfig | SASRecConfig:
-    return _RETRIEVAL_CONFIG.validate_python(raw)  # type: ignore[no-any-return]
+    return _RETRIEVAL_CONFIG.validate_python(raw)
 
 
 def build_model(cfg: LiGRConfig | HSTUConfig | DCNv2Config) -> RankingModel:

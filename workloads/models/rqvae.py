@@ -48,6 +48,8 @@ class RQVAEOutput:
 
 
 class RQVAE(nn.Module):
+    usage: Tensor
+
     def __init__(self, cfg: RQVAEConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -137,7 +139,7 @@ def fit(content: np.ndarray, cfg: RQVAEConfig) -> tuple[RQVAE, list[float]]:
         out.loss.backward()
         optimizer.step()
         model.reset_dead_codes(out.codes, out.residuals)
-        losses.append(float(out.loss))
+        losses.append(out.loss.item())
     return model.eval(), losses
 
 

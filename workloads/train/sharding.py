@@ -15,6 +15,7 @@ different number of workers or strategy, and the artifact writer never needs a p
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -141,13 +142,18 @@ def parallelize(
 
 
 def full_model_state(model: nn.Module) -> dict[str, Tensor]:
-    """The whole model's weights as plain CPU tensors, on rank 0 only (a collective: call on every rank)."""
-    return dict(get_model_state_dict(model, options=_FULL_ON_CPU))  # type: ignore[arg-type]
+    """The whole model's weights as plain CPU tensors, on rank 0 only (a collective: call on every rank).
+
+    A copy: for unsharded CPU parameters torch would hand back the live tensors, which the next
+    optimizer step would change under the caller.
+    """
+    state = get_model_state_dict(model, options=_FULL_ON_CPU)
+    return {name: tensor.detach().clone() for name, tensor in state.items()}  # type: ignore[union-attr]
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The optimizer state keyed by parameter name, unsharded, on CPU (collective, like full_model_state)."""
-    return get_optimizer_state_dict(model, optimizer, options=_FULL_ON_CPU)
+    """The optimizer state keyed by parameter name, unsharded, on CPU, copied (like full_model_state)."""
+    return copy.deepcopy(get_optimizer_state_dict(model, optimizer, options=_FULL_ON_CPU))
 
 
 def load_full_state(

@@ -108,7 +108,8 @@ def test_apply_registers_every_declaration_under_the_data_root(feast_world: Feas
 
 
 def naive_history(impressions: pd.DataFrame, member: int, before_us: int, length: int) -> pd.DataFrame:
-    rows = impressions[impressions["member_id"] == member]
+    """The member's last `length` feed impressions before `before_us` (feed: the default surfaces)."""
+    rows = impressions[(impressions["member_id"] == member) & (impressions["surface"] == "feed")]
     rows = rows[rows["timestamp"].dt.as_unit("us").astype("int64") < before_us]
     return rows.sort_values(["timestamp", "session_id", "position"]).tail(length)
 

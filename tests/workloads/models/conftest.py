@@ -1,4 +1,4 @@
-"""Model tests run tiny networks: one intra-op thread is faster and steadier than two on a shared 2-core box."""
+"""Model tests run tiny networks: one intra-op thread is faster and steadier than two on a shared box."""
 
 from __future__ import annotations
 

@@ -65,9 +65,11 @@ def content_table(rng: np.random.Generator, n_items: int = 100) -> ItemContentTa
     return ItemContentTable(rng.normal(size=(n_items, CONTENT_DIM)).astype(np.float32))
 
 
-def random_batch(seed: int = 0, n_rows: int = 4, **kwargs: tuple[int, int]) -> RankingBatch:
+def random_batch(
+    seed: int = 0, n_rows: int = 4, hist_len: tuple[int, int] = (0, 12), cand_len: tuple[int, int] = (1, 6)
+) -> RankingBatch:
     rng = np.random.default_rng(seed)
-    return collate(example_rows(rng, n_rows, **kwargs), content_table(rng))
+    return collate(example_rows(rng, n_rows, hist_len, cand_len), content_table(rng))
 
 
 def planted_batch(rng: np.random.Generator, n_rows: int, hist_len: int = 12, n_cand: int = 8) -> RankingBatch:

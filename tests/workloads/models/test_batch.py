@@ -55,6 +55,12 @@ def test_truncation_keeps_latest_history_and_first_candidates(rows: dict[str, np
         assert batch.cand_item_id[i][batch.cand_mask[i]].tolist() == rows["cand_item_id"][i][:2].tolist()
 
 
+def test_pad_to_limits_gives_fixed_shapes(rows: dict[str, np.ndarray]) -> None:
+    batch = collate(rows, content_table(np.random.default_rng(0)), 20, 7, pad_to_limits=True)
+    assert batch.hist_item_id.shape == (6, 20) and batch.cand_counters.shape == (6, 7, len(COUNTER_FEATURES))
+    assert batch.hist_mask.sum().item() == sum(len(x) for x in rows["hist_item_id"])
+
+
 def test_labels_and_actions_follow_the_bitmasks(rows: dict[str, np.ndarray]) -> None:
     batch = collate(rows, content_table(np.random.default_rng(0)))
     assert batch.labels is not None and batch.labels.shape[-1] == len(TASKS)
@@ -112,6 +118,10 @@ def test_bad_rows_fail_naming_the_column(rows: dict[str, np.ndarray]) -> None:
     without = {k: v for k, v in rows.items() if k != "cand_ma_imp_7d"}
     with pytest.raises(ValueError, match="cand_ma_imp_7d"):
         collate(without, table)
+    out_of_vocabulary = dict(rows)
+    out_of_vocabulary["cand_post_type"] = object_column([x + 9 for x in rows["cand_post_type"]])
+    with pytest.raises(ValueError, match="cand_post_type"):
+        collate(out_of_vocabulary, table)
     broken = dict(rows)
     broken["hist_actor_id"] = object_column([np.append(x, 1) for x in rows["hist_actor_id"]])
     with pytest.raises(ValueError, match="hist_actor_id"):

@@ -70,13 +70,15 @@ def run_combo(rank: int, strategy: str, shard: bool) -> dict[str, Any] | None:
         norm = clip_grad_norm(model.parameters(), max_norm=1e9)  # measures only
         optimizer.step()
         ref_optimizer.zero_grad()
-        ref_loss = sum(F.mse_loss(reference(i), t) for i, t in map(rank_batch, range(WORLD), [step] * WORLD))
-        (ref_loss / WORLD).backward()  # type: ignore[operator]
+        ref_loss = torch.stack(
+            [F.mse_loss(reference(i), t) for i, t in map(rank_batch, range(WORLD), [step] * WORLD)]
+        )
+        ref_loss.mean().backward()
         ref_norm = float(torch.cat([p.grad.flatten() for p in reference.parameters()]).norm())  # type: ignore[union-attr]
         ref_optimizer.step()
 
     trained = full_model_state(model)
-    local_item_shape = list(model.item.weight.to_local().shape) if shard else None  # type: ignore[operator]
+    local_item_shape = list(model.item.weight.to_local().shape) if shard else None  # type: ignore[attr-defined]
     optimizer_state = full_optimizer_state(model, optimizer)
     box = [copy.deepcopy(trained), copy.deepcopy(optimizer_state)]  # only rank 0 holds the full state
     dist.broadcast_object_list(box, src=0)
@@ -122,11 +124,14 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any
     tmp = tmp_path_factory.mktemp("sharding")
     out = tmp / "results.json"
     mp.spawn(worker, args=(str(tmp / "store"), str(out)), nprocs=WORLD, join=True)
-    return json.loads(out.read_text())  # type: ignore[no-any-return]
+    results: dict[str, dict[str, Any]] = json.loads(out.read_text())
+    return results
 
 
 @pytest.mark.parametrize(("strategy", "shard"), COMBOS)
-def test_two_ranks_train_like_one_process(results: dict[str, dict[str, Any]], strategy: str, shard: bool) -> None:
+def test_two_ranks_train_like_one_process(
+    results: dict[str, dict[str, Any]], strategy: str, shard: bool
+) -> None:
     r = results[f"{strategy}-{shard}"]
     assert r["vs_single_process"] < 1e-5
     assert r["grad_norm"] == pytest.approx(r["reference_grad_norm"], rel=1e-4)

@@ -1,0 +1,92 @@
+"""Examples from the world's tables: point-in-time histories, labels from the log, the shared time split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from workloads.brew.data import (
+    MAX_HISTORY_EVENTS,
+    Periods,
+    TimeSplit,
+    World,
+    follow_examples,
+    impression_examples,
+    popularity_scores,
+    resolve_periods,
+)
+from workloads.brew.prompts import Templates
+from workloads.data.preprocess import PreprocessConfig, resolve_window
+
+
+def test_periods_are_the_preprocessing_split(tiny_world: Path, periods: Periods) -> None:
+    import pyarrow.dataset as pads
+
+    window = resolve_window(
+        PreprocessConfig(world_dir=tiny_world), pads.dataset(tiny_world / "impressions.parquet")
+    )
+    assert (periods.train_start, periods.eval_start, periods.eval_end) == (
+        window.train_start,
+        window.train_end,
+        window.eval_end,
+    )
+    shorter = resolve_periods(tiny_world, TimeSplit(train_end=-14.0))
+    assert shorter.eval_start == periods.eval_start - 7 * 86_400 * 10**6
+
+
+def test_impression_examples_are_point_in_time_and_labelled_from_the_log(
+    world: World, templates: Templates, periods: Periods
+) -> None:
+    imp = world.impressions
+    for task in ("job_apply", "feed_like"):
+        spec = templates.task(task)
+        examples = impression_examples(
+            world, templates, task, periods.eval_start, periods.eval_end, 60, seed=0
+        )
+        assert examples
+        for ex in examples:
+            assert periods.eval_start <= ex.at < periods.eval_end
+            shown = imp[
+                (imp.member_id == ex.member_id)
+                & (imp.item_id == ex.question_id)
+                & (imp.session_start == ex.at)
+            ]
+            assert len(shown) >= 1 and shown.iloc[0]["surface"] == spec.surface
+            assert ex.label == int(shown[spec.label_action].max())
+            # History: only events strictly before the session start, only those with a history action.
+            past = imp[(imp.member_id == ex.member_id) & (imp.timestamp < ex.at)]
+            relevant = past[(past.actions & spec.history_mask) != 0]
+            assert ex.history_len == len(relevant)
+            assert ex.history_items.tolist() == relevant.item_id.tolist()[-MAX_HISTORY_EVENTS:]
+            assert np.all(ex.history_actions & spec.history_mask)
+
+
+def test_positive_fraction_oversamples_rare_labels(
+    world: World, templates: Templates, periods: Periods
+) -> None:
+    natural = impression_examples(
+        world, templates, "feed_like", periods.train_start, periods.eval_start, 200, 0
+    )
+    balanced = impression_examples(
+        world, templates, "feed_like", periods.train_start, periods.eval_start, 200, 0, 0.5
+    )
+    assert np.mean([e.label for e in natural]) < 0.2
+    assert abs(np.mean([e.label for e in balanced]) - 0.5) < 0.05
+
+
+def test_follow_examples_and_popularity_never_see_the_members_own_follow(
+    world: World, templates: Templates, periods: Periods
+) -> None:
+    examples = follow_examples(
+        world, templates, "follow_actor", periods.eval_start, periods.eval_end, 40, seed=0
+    )
+    assert len(examples) == 40 and sum(e.label for e in examples) == 20
+    follows = world.follows[world.follows.created_at < periods.eval_start]
+    pairs = set(zip(follows.member_id, follows.actor_id, strict=True))
+    for ex in examples:
+        assert ex.label == int((ex.member_id, ex.question_id) in pairs)
+    scores = popularity_scores(world, templates, examples, periods.eval_start)
+    followers = follows.groupby("actor_id").member_id.nunique()
+    for ex, score in zip(examples, scores, strict=True):
+        assert score == followers.get(ex.question_id, 0) - ex.label

@@ -1,0 +1,58 @@
+"""Training: answer-only loss masks, and a real two-worker Ray Train run whose loss falls and that resumes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from workloads.brew.artifact import load_artifact
+from workloads.brew.train import IGNORE, BrewTrainConfig, answer_only_example, collate, train
+
+
+def test_loss_is_on_the_answer_token_only_predicted_from_the_last_prompt_position(tiny_base: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    prompts, answers = [[5, 17, 29, 31, 8], [40, 41, 42]], [283, 284]
+    rows = [answer_only_example(p, a) for p, a in zip(prompts, answers, strict=True)]
+    assert rows[0]["labels"] == [IGNORE] * 5 + [283] and rows[0]["input_ids"] == [*prompts[0], 283]
+    batch = collate(
+        {k: np.array([r[k] for r in rows], dtype=object) for k in ("input_ids", "labels")}, pad_id=0
+    )
+    assert (batch["labels"] != IGNORE).sum() == 2  # one target per row, none on padding
+    assert batch["attention_mask"].tolist()[1] == [1, 1, 1, 1, 0, 0]
+
+    with torch.no_grad():
+        loss = model(**batch).loss
+        manual = []
+        for prompt, answer in zip(prompts, answers, strict=True):
+            logits = model(input_ids=torch.tensor([prompt])).logits[0, -1]  # what scoring reads
+            manual.append(-torch.log_softmax(logits, -1)[answer])
+    torch.testing.assert_close(loss, torch.stack(manual).mean(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_two_worker_lora_run_lowers_the_answer_loss_and_publishes_an_adapter(lora_training: Any) -> None:
+    cfg, summary = lora_training
+    epochs = summary["epochs"]
+    assert [e["stage"] for e in epochs] == ["pretrain", "finetune", "finetune", "finetune"]
+    finetune = [e["loss"] for e in epochs if e["stage"] == "finetune"]
+    assert finetune[-1] < 0.8 * finetune[0], finetune
+    artifact = load_artifact(Path(summary["artifact"]))
+    assert artifact.adapter_dir is not None and (artifact.adapter_dir / "adapter_config.json").is_file()
+    assert artifact.model_dir == Path(cfg.base.path).resolve() and artifact.tasks == cfg.tasks
+    assert artifact.max_context_tokens == cfg.max_context_tokens
+
+
+@pytest.mark.slow
+def test_rerun_with_the_same_name_resumes_after_the_last_checkpoint(lora_training: Any) -> None:
+    cfg, first = lora_training
+    longer = BrewTrainConfig.model_validate(
+        {**cfg.model_dump(), "finetune": {**cfg.finetune.model_dump(), "epochs": cfg.finetune.epochs + 1}}
+    )
+    second = train(longer)
+    assert second["epochs"][: len(first["epochs"])] == first["epochs"]  # finished epochs are not redone
+    assert [e["epoch"] for e in second["epochs"]] == [0, 1, 2, 3, 4]
