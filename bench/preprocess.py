@@ -39,6 +39,7 @@ from ray.data.expressions import col
 
 from workloads.data.preprocess import (
     EVENT_COLUMNS,
+    LOCAL_CLUSTER_SYSTEM_CONFIG,
     PreprocessConfig,
     SplitWindow,
     build_examples,
@@ -193,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
             object_store_memory=4 * 1024**3,
             include_dashboard=False,
             log_to_driver=False,
+            _system_config=LOCAL_CLUSTER_SYSTEM_CONFIG,  # what preprocess.run starts a local cluster with
         )
         ray.data.DataContext.get_current().enable_progress_bars = False  # keep the figures readable
 

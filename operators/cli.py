@@ -27,12 +27,12 @@ def _print_summary(summary: object) -> None:
     typer.echo(json.dumps(summary, indent=2, default=str))
 
 
-def _parse_overrides(pairs: list[str]) -> dict[str, str]:
+def _parse_overrides(pairs: list[str], option: str = "--set") -> dict[str, str]:
     out: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise typer.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--set")
+            raise typer.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint=option)
         out[key.strip()] = value.strip()
     return out
 
@@ -203,6 +203,57 @@ def operator(
         priority=priority,
         liveness_endpoint=liveness,
     )
+
+
+@app.command("run")
+def run(
+    file: Annotated[
+        Path, typer.Option("--file", "-f", exists=True, dir_okay=False, help="RankingModel manifest.")
+    ],
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="Dashboard URL of a running Ray cluster (default: start a Ray head here)."),
+    ] = None,
+    keep: Annotated[bool, typer.Option(help="Keep the Ray head (and the endpoint) up until Ctrl-C.")] = False,
+    timeout: Annotated[
+        float | None, typer.Option(min=1.0, help="Give up after this many seconds (default: no limit).")
+    ] = None,
+    retry: Annotated[
+        bool, typer.Option("--retry", help="Run failed stages again (forget their failed jobs).")
+    ] = False,
+    mounts: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--mount",
+            help="URI_PREFIX=DIR: where a storage prefix of the spec lives here, e.g. "
+            "pvc://rankray-data=./data (repeatable; adds to the defaults).",
+        ),
+    ] = None,
+    num_cpus: Annotated[int, typer.Option(min=1, help="Logical CPUs of the Ray head.")] = 4,
+    serve_port: Annotated[
+        int, typer.Option(min=1, max=65535, help="HTTP port of the endpoint (a free one if taken).")
+    ] = 8000,
+    sample: Annotated[bool, typer.Option(help="Send sample ranking requests once it serves.")] = True,
+) -> None:
+    """Run a RankingModel on a local Ray cluster: the operator's reconcile loop, to a served endpoint."""
+    from operators.run import RunOptions, default_mounts
+    from operators.run import run as run_model
+
+    table = default_mounts()
+    for prefix, folder in _parse_overrides(mounts or [], "--mount").items():
+        table[prefix] = Path(folder)
+    options = RunOptions(
+        manifest=file,
+        ray_address=ray_address,
+        keep=keep,
+        timeout=timeout,
+        retry=retry,
+        mounts=table,
+        num_cpus=num_cpus,
+        serve_port=serve_port,
+        sample=sample,
+    )
+    raise typer.Exit(run_model(options))
 
 
 if __name__ == "__main__":

@@ -30,10 +30,15 @@ from tenacity import RetryError, retry, retry_if_result, stop_after_delay, wait_
 
 START_TIMEOUT_SECONDS = 180.0  # a loaded 2-core machine takes 20-60 s to bring up the head and its agents
 STOP_TIMEOUT_SECONDS = 30.0
+START_ATTEMPTS = 3
 
 
 class EmbeddedRayError(RuntimeError):
     """The embedded head did not come up; the message carries the end of its log."""
+
+
+class _ExitedWhileStarting(EmbeddedRayError):
+    """`ray start` gave up (on a loaded machine, its raylet can miss Ray's fixed registration timeout)."""
 
 
 def free_port() -> int:
@@ -77,12 +82,36 @@ class EmbeddedRay:
         cwd: Path,
         env: Mapping[str, str] | None = None,
         record: Path | None = None,
+        attempts: int = START_ATTEMPTS,
     ) -> EmbeddedRay:
         """Start a head and wait until job submission and Serve answer; `record` remembers it for a restart.
 
         The jobs' entrypoints run `python` from the head's PATH in its working directory, so the head gets
-        this interpreter's bin folder first on PATH, and `cwd`.
+        this interpreter's bin folder first on PATH, and `cwd`. Ray gives its raylet a fixed 30 s to
+        register, which a heavily loaded machine can miss: a head that exits while starting is started again.
         """
+        for attempt in range(1, attempts + 1):
+            head, process = cls._launch(num_cpus, object_store_bytes, cwd, env or {})
+            try:
+                head._wait_ready(process)
+            except _ExitedWhileStarting as err:
+                head.stop()
+                if attempt == attempts:
+                    raise EmbeddedRayError(str(err)) from None
+                continue
+            except BaseException:
+                head.stop()
+                raise
+            if record is not None:
+                record.parent.mkdir(parents=True, exist_ok=True)
+                record.write_text(json.dumps(asdict(head), indent=2) + "\n")
+            return head
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _launch(
+        cls, num_cpus: int, object_store_bytes: int, cwd: Path, env: Mapping[str, str]
+    ) -> tuple[EmbeddedRay, subprocess.Popen[bytes]]:
         temp_dir = tempfile.mkdtemp(prefix="rankray-ray-", dir="/tmp")  # short: Ray's socket paths are capped
         dashboard_port, gcs_port = free_port(), free_port()
         ports = {
@@ -114,11 +143,10 @@ class EmbeddedRay:
             **os.environ,
             "RAY_AUTH_MODE": "disabled",
             "RAY_USAGE_STATS_ENABLED": "0",
-            **(env or {}),
+            **env,
             "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
         }
-        log = Path(temp_dir) / "ray-start.log"
-        with log.open("w") as out:
+        with (Path(temp_dir) / "ray-start.log").open("w") as out:
             process = subprocess.Popen(
                 command, cwd=cwd, env=environ, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
@@ -128,22 +156,19 @@ class EmbeddedRay:
             pid=process.pid,
             temp_dir=temp_dir,
         )
-        try:
-            head._wait_ready(process)
-        except BaseException:
-            head.stop()
-            raise
-        if record is not None:
-            record.parent.mkdir(parents=True, exist_ok=True)
-            record.write_text(json.dumps(asdict(head), indent=2) + "\n")
-        return head
+        return head, process
 
     def _wait_ready(self, process: subprocess.Popen[bytes]) -> None:
         def down() -> bool:
             if process.poll() is not None:
-                raise EmbeddedRayError(f"`ray start` exited with {process.returncode}:\n{self.log_tail()}")
+                raise _ExitedWhileStarting(
+                    f"`ray start` exited with {process.returncode}:\n{self.log_tail()}"
+                )
             # the Serve and job modules come up after the version endpoint; ask them directly
-            return not all(_answers(self.dashboard_url + path) for path in ("/api/version", "/api/jobs/", "/api/serve/applications/"))
+            return not all(
+                _answers(self.dashboard_url + path)
+                for path in ("/api/version", "/api/jobs/", "/api/serve/applications/")
+            )
 
         waiter = retry(
             retry=retry_if_result(lambda result: result),
@@ -154,8 +179,8 @@ class EmbeddedRay:
             waiter()
         except RetryError as err:
             raise EmbeddedRayError(
-                f"the Ray dashboard at {self.dashboard_url} did not answer within {START_TIMEOUT_SECONDS:.0f} s:"
-                f"\n{self.log_tail()}"
+                f"the Ray dashboard at {self.dashboard_url} did not answer within "
+                f"{START_TIMEOUT_SECONDS:.0f} s:\n{self.log_tail()}"
             ) from err
 
     @classmethod

@@ -105,6 +105,7 @@ def new_version(spec: RankingModelSpec, model_name: str, generation: int) -> Mod
         # workloads.train publishes into the version folder; workloads.brew.train into its artifact/ child
         artifact_uri=published if spec.model.kind is ModelKind.LIGR else f"{published}/artifact",
         feature_repo=spec.feature_repo.path,
+        data_source=spec.data.source,
     )
 
 
@@ -236,34 +237,56 @@ def runtime_env(model_name: str, version: ModelVersion, stage: Stage | None = No
 # --- Serving ------------------------------------------------------------------------------------------------
 
 
-def llm_deployed(serving: ServingSpec, version: ModelVersion) -> bool:
-    """The LLM scorer serves a fine-tuned LLM: a LiGR version serving after a switch to brew has none."""
-    return serving.llm.enabled and version.kind is ModelKind.BREW
+def _replicas(serving: ServingSpec) -> dict[str, Any]:
+    if serving.autoscaling is None:
+        return {"num_replicas": serving.replicas or 1}
+    return {
+        "autoscaling_config": {
+            "min_replicas": serving.autoscaling.min_replicas,
+            "max_replicas": serving.autoscaling.max_replicas,
+            "target_ongoing_requests": serving.autoscaling.target_ongoing_requests,
+        }
+    }
+
+
+def scorer_deployment(version: ModelVersion, serving: ServingSpec) -> dict[str, Any]:
+    """The deployment that does the scoring, and which serving.replicas / autoscaling size: LiGR's
+    pointwise scorer, or for 360Brew the LLM scorer (the graph has no pointwise scorer then)."""
+    if version.kind is ModelKind.LIGR:
+        # max_ongoing_requests above the scorer's @serve.batch size, so batches can fill
+        return {
+            "name": SCORER_DEPLOYMENT,
+            **_replicas(serving),
+            "max_ongoing_requests": 64,
+            "ray_actor_options": {"num_cpus": 1},
+        }
+    actor = {"num_cpus": 1, "num_gpus": serving.llm.gpus} if serving.llm.gpus else {"num_cpus": 1}
+    return {
+        "name": LLM_DEPLOYMENT,
+        **_replicas(serving),
+        "max_ongoing_requests": 16,
+        "ray_actor_options": actor,
+    }
 
 
 def serve_config(
     model_name: str, version: ModelVersion, serving: ServingSpec, resolve: Resolve
 ) -> dict[str, Any]:
-    """The Ray Serve config (the shape of KubeRay's serveConfigV2 and of `serve deploy`)."""
-    llm_enabled = llm_deployed(serving, version)
-    scorer: dict[str, Any] = {"name": SCORER_DEPLOYMENT, "ray_actor_options": {"num_cpus": 1}}
-    if serving.autoscaling is not None:
-        scorer["autoscaling_config"] = {
-            "min_replicas": serving.autoscaling.min_replicas,
-            "max_replicas": serving.autoscaling.max_replicas,
-            "target_ongoing_requests": serving.autoscaling.target_ongoing_requests,
-        }
-    else:
-        scorer["num_replicas"] = serving.replicas or 1
-    deployments = [scorer]
-    if llm_enabled:
-        deployments.append(
-            {
-                "name": LLM_DEPLOYMENT,
-                "num_replicas": serving.llm.replicas,
-                "ray_actor_options": {"num_cpus": 1, "num_gpus": serving.llm.gpus},
-            }
-        )
+    """The Ray Serve config (the shape of KubeRay's serveConfigV2 and of `serve deploy`). Its `args` are
+    workloads.serve.graph.GraphArgs; the other deployments of the graph keep their own defaults."""
+    brew = version.kind is ModelKind.BREW
+    args: dict[str, Any] = {
+        "artifact_uri": resolve(version.artifact_uri),
+        "feature_repo": resolve(version.feature_repo),
+        "model_name": model_name,
+        "model_version": version.name,
+        "model_kind": version.kind.value,
+        "setwise_top_k": serving.setwise_top_k,
+        "candidates_limit": serving.candidates_limit,
+        "llm_enabled": brew,
+    }
+    if brew:  # 360Brew verbalizes members and items from the world's tables
+        args["world_dir"] = resolve(version.data_source)
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": "0.0.0.0", "port": SERVE_PORT},
@@ -273,17 +296,8 @@ def serve_config(
                 "route_prefix": serving.route_prefix,
                 "import_path": SERVE_IMPORT_PATH,
                 "runtime_env": runtime_env(model_name, version),
-                "args": {
-                    "artifact_uri": resolve(version.artifact_uri),
-                    "feature_repo": resolve(version.feature_repo),
-                    "model_name": model_name,
-                    "model_version": version.name,
-                    "model_kind": version.kind.value,
-                    "setwise_top_k": serving.setwise_top_k,
-                    "candidates_limit": serving.candidates_limit,
-                    "llm_enabled": llm_enabled,
-                },
-                "deployments": deployments,
+                "args": args,
+                "deployments": [scorer_deployment(version, serving)],
             }
         ],
     }

@@ -23,11 +23,15 @@ def ray_session() -> Iterator[None]:
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # a fresh cluster, never one some other process started on this host
             num_cpus=4,  # logical CPUs: Serve's proxy + ingress + replicas need slots on a 2-core box
             object_store_memory=512 * 1024**2,
             include_dashboard=False,
             log_to_driver=False,
             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}},
+            # Ray Data's shuffle tasks run in their own runtime env; with the default pool (one idle
+            # worker per CPU) each repartition restarted worker processes (~15 s per run here).
+            _system_config={"num_workers_soft_limit": 8},
         )
     yield
     ray.shutdown()

@@ -246,7 +246,7 @@ class NodePool(_Api):
     """Where pods land: the node labels to select and the taints to tolerate."""
 
     node_selector: dict[str, str] = Field(
-        default_factory=dict, description="Node labels the pods require, e.g. rankray.io/node-pool: gpu."
+        default_factory=dict, description="Node labels the pods require, e.g. rankray.io/pool: gpu."
     )
     tolerations: list[Toleration] = Field(
         default_factory=list, description="Taints of that node pool the pods tolerate."
@@ -351,10 +351,13 @@ class Autoscaling(_Api):
 
 
 class LlmDeployment(_Api):
-    """The vLLM deployment that scores with the fine-tuned LLM (model.kind brew)."""
+    """The vLLM deployment that scores with the fine-tuned LLM: how a brew model is served."""
 
-    enabled: bool = Field(False, description="Deploy the LLM scorer in the ranking graph.")
-    replicas: int = Field(1, ge=1, le=100, description="LLM scorer replicas.")
+    enabled: bool = Field(
+        False,
+        description="Deploy the LLM scorer in the ranking graph: true exactly for model.kind brew. Its "
+        "replicas follow serving.replicas or serving.autoscaling.",
+    )
     gpus: int = Field(0, ge=0, le=8, description="GPUs per LLM replica; 0 runs vLLM's CPU build.")
     node_pool: NodePool = Field(default_factory=NodePool, description="Node pool the LLM replicas land on.")
 
@@ -408,8 +411,9 @@ class RankingModelSpec(_Api):
 
     model_config = cel_rules(
         cel(
-            "!self.serving.llm.enabled || self.model.kind == 'brew'",
-            "serving.llm.enabled requires model.kind brew (the LLM scorer serves a fine-tuned LLM)",
+            "self.serving.llm.enabled == (self.model.kind == 'brew')",
+            "serving.llm.enabled must be true exactly when model.kind is brew (the LLM deployment is what "
+            "serves a brew model)",
             ".serving.llm.enabled",
         ),
     )
@@ -501,6 +505,7 @@ class ModelVersion(_Status):
     kind: ModelKind = Field(description="The model kind this version is (ligr or brew).")
     artifact_uri: str = Field(description="Folder of the trained model artifact (what serving loads).")
     feature_repo: str = Field(description="The feature repo this version was trained and is served with.")
+    data_source: str = Field(description="The interaction log this version was trained on.")
     metrics: VersionMetrics | None = Field(None, description="Evaluation metrics, once evaluated.")
     gate: GateResult | None = Field(None, description="The evaluation gate's verdict, once evaluated.")
 

@@ -29,6 +29,7 @@ from operators.api.v1alpha1 import (
     KIND,
     PLURAL,
     VERSION,
+    ModelKind,
     NodePool,
     RankingModel,
     RankingModelSpec,
@@ -41,7 +42,6 @@ from operators.pipeline import (
     entrypoint,
     job_name,
     last_json_line,
-    llm_deployed,
     runtime_env,
     serve_config,
     stage_config,
@@ -282,22 +282,26 @@ def rayservice(model: RankingModel, app: ServingApp, settings: KubeRaySettings) 
     """The model's RayService: serveConfigV2 names the version, so an upgrade is a serve config change."""
     spec, serving, version = model.spec, app.serving, app.version
     image = spec.image or settings.image
-    volumes, mounts = _volumes(_claims([version.artifact_uri, version.feature_repo]))
+    storage = [version.artifact_uri, version.feature_repo]
+    if version.kind is ModelKind.BREW:  # the LLM scorer verbalizes entities from the world's tables
+        storage.append(version.data_source)
+    volumes, mounts = _volumes(_claims(storage))
     config = serve_config(model.metadata.name, version, serving, resolve_storage)
-    scorer = _container("ray-worker", image, serving.resources.cpu, serving.resources.memory, 0, mounts)
     if serving.autoscaling is not None:
         low, high = serving.autoscaling.min_replicas, serving.autoscaling.max_replicas
-        groups = [_worker_group("serve", low, low, high, scorer, volumes, NodePool(), settings)]
     else:
-        count = serving.replicas or 1
-        groups = [_worker_group("serve", count, count, count, scorer, volumes, NodePool(), settings)]
-    if llm_deployed(serving, version):
+        low = high = serving.replicas or 1
+    cpu, memory = serving.resources.cpu, serving.resources.memory
+    worker = _container("ray-worker", image, cpu, memory, 0, mounts)
+    if version.kind is ModelKind.LIGR:  # one serve pod per scorer replica
+        groups = [_worker_group("serve", low, low, high, worker, volumes, NodePool(), settings)]
+    else:  # a CPU pod for the ingress and the feature fetcher; the LLM replicas on the (GPU) node pool
         llm = serving.llm
-        container = _container(
-            "ray-worker", image, serving.resources.cpu, serving.resources.memory, llm.gpus, mounts
-        )
-        count = llm.replicas
-        groups.append(_worker_group("llm", count, count, count, container, volumes, llm.node_pool, settings))
+        llm_worker = _container("ray-worker", image, cpu, memory, llm.gpus, mounts)
+        groups = [
+            _worker_group("serve", 1, 1, 1, worker, volumes, NodePool(), settings),
+            _worker_group("llm", low, low, high, llm_worker, volumes, llm.node_pool, settings),
+        ]
     cluster: dict[str, Any] = {
         "rayVersion": settings.ray_version,
         "headGroupSpec": _head_group(image, mounts, volumes, settings, serve=True),

@@ -74,7 +74,9 @@ class LocalStorage:
 
     def __init__(self, mounts: Mapping[str, str | Path] | None = None) -> None:
         # longest prefix first, so pvc://data/world wins over pvc://data
-        self.mounts = dict(sorted(((k.rstrip("/"), Path(v)) for k, v in (mounts or {}).items()), reverse=True))
+        self.mounts = dict(
+            sorted(((k.rstrip("/"), Path(v)) for k, v in (mounts or {}).items()), reverse=True)
+        )
 
     def resolve(self, uri: str) -> str:
         if uri.startswith("file://"):
@@ -257,12 +259,12 @@ class LocalBackend:
         jobs: dict[str, ObservedJob] = {}
         for job_id, record in list(self.state.jobs.items()):
             if not record.state.finished:
-                details = on_ray.get(job_id)
-                if details is None:  # submitted to a Ray cluster that is gone: as if never submitted
+                seen = on_ray.get(job_id)
+                if seen is None:  # submitted to a Ray cluster that is gone: as if never submitted
                     del self.state.jobs[job_id]
                     changed = True
                     continue
-                changed |= await self._refresh(record, details)
+                changed |= await self._refresh(record, seen)
             jobs[job_id] = record.observed()
         service = await self._observe_service(model)
         if changed:
@@ -336,9 +338,13 @@ class LocalBackend:
             self.state_file.save()
         if isinstance(model, RankingModel):
             for child in plan.create:
-                await (self._submit(model, child) if isinstance(child, StageJob) else self._deploy(model, child))
+                await (
+                    self._submit(model, child) if isinstance(child, StageJob) else self._deploy(model, child)
+                )
             for child in plan.update:
-                await (self._suspend(model, child) if isinstance(child, StageJob) else self._deploy(model, child))
+                await (
+                    self._suspend(model, child) if isinstance(child, StageJob) else self._deploy(model, child)
+                )
         for ref in plan.delete:
             await self._delete(ref)
 
@@ -400,8 +406,8 @@ class LocalBackend:
         if ref.kind == "RayService":
             self.state.service = None
             self.state_file.save()
-            details = await self._serve_details()
-            if SERVE_APP_NAME in (details.get("applications") or {}):
+            serve = await self._serve_details()
+            if SERVE_APP_NAME in (serve.get("applications") or {}):
                 response = await self.http.delete(SERVE_PATH)
                 _raise_for_status(response, f"deleting {ref.name}")
             return
@@ -424,4 +430,6 @@ class LocalBackend:
 
 def _raise_for_status(response: httpx.Response, doing: str) -> None:
     if response.is_error:
-        raise RuntimeError(f"{doing}: Serve REST API answered {response.status_code}: {_shorten(response.text)}")
+        raise RuntimeError(
+            f"{doing}: Serve REST API answered {response.status_code}: {_shorten(response.text)}"
+        )

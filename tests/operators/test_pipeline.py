@@ -4,6 +4,7 @@ stage's own pydantic config (they forbid unknown fields), and the artifact layou
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ from tests.operators.conftest import as_model
 from workloads.brew.train import BrewTrainConfig
 from workloads.data.preprocess import PreprocessConfig
 from workloads.models.config import LiGRConfig
+from workloads.serve.config import validate_config
+from workloads.serve.graph import GraphArgs, deployment_names
 from workloads.train.config import TrainConfig
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -117,21 +120,29 @@ def test_the_evaluate_config_names_the_gate_and_its_reference(manifest: dict[str
     assert config["gate"]["reference_artifact_dir"] is None and config["gate"]["reference_name"] == "baseline"
 
 
-def test_the_serve_config_scales_the_scorer_and_adds_the_llm_only_for_brew(manifest: dict[str, Any]) -> None:
-    model = as_model(manifest)
-    version = new_version(model.spec, "feed-ligr", 1)
-    config = serve_config("feed-ligr", version, model.spec.serving, resolve_storage)
+@pytest.mark.parametrize("example", ["feed-ligr.yaml", "jobs-brew.yaml"])
+def test_the_serve_config_is_one_the_serving_graph_accepts(example: str, tmp_path: Path) -> None:
+    """Ray's ServeDeploySchema, the graph's GraphArgs (extra fields forbidden), and options only for
+    deployments the graph has (Ray rejects others)."""
+    model = _example(example)
+    name = model.metadata.name
+    version = new_version(model.spec, name, 4)
+
+    def resolve(uri: str) -> str:
+        return str(tmp_path / uri.replace("://", "/"))
+
+    if version.kind == "ligr":  # the graph reads the artifact's model config to know its deployments
+        artifact = Path(resolve(version.artifact_uri))
+        artifact.mkdir(parents=True)
+        (artifact / "config.json").write_text(json.dumps({"model": ligr_model_config(model.spec.model)}))
+    config = serve_config(name, version, model.spec.serving, resolve)
+    validate_config(config)
     (application,) = config["applications"]
-    assert [d["name"] for d in application["deployments"]] == [SCORER_DEPLOYMENT]
-    assert application["deployments"][0]["num_replicas"] == 2
-    brew = as_model(yaml.safe_load((EXAMPLES / "jobs-brew.yaml").read_text()))
-    brew_version = new_version(brew.spec, "jobs-brew", 1)
-    application = serve_config("jobs-brew", brew_version, brew.spec.serving, resolve_storage)["applications"][
-        0
-    ]
-    assert [d["name"] for d in application["deployments"]] == [SCORER_DEPLOYMENT, LLM_DEPLOYMENT]
-    assert application["args"]["artifact_uri"] == "/mnt/pvc/rankray-artifacts/models/jobs-brew/v1/artifact"
-    assert application["args"]["llm_enabled"] is True
+    args = GraphArgs.model_validate(application["args"])
+    assert {d["name"] for d in application["deployments"]} <= set(deployment_names(args))
+    scorer = SCORER_DEPLOYMENT if version.kind == "ligr" else LLM_DEPLOYMENT
+    assert [d["name"] for d in application["deployments"]] == [scorer]
+    assert args.model_version == "v4" and args.artifact_uri == resolve(version.artifact_uri)
 
 
 def test_a_stage_summary_is_the_last_json_object_line() -> None:

@@ -439,6 +439,7 @@ def test_the_recorded_auc_is_the_gate_tasks_when_the_gate_names_one(manifest: di
 
 def test_a_brew_model_has_no_preprocess_stage(manifest: dict[str, Any]) -> None:
     manifest["spec"]["model"] = {"kind": "brew", "baseModel": "pvc://rankray-models/smollm2"}
+    manifest["spec"]["serving"]["llm"] = {"enabled": True}
     children, model = FakeChildren(), as_model(manifest)
     model, plan = step(model, children)
     assert [c.name for c in plan.create] == ["feed-ligr-v1-train"]

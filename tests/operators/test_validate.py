@@ -109,7 +109,13 @@ BAD: dict[str, tuple[Edit, str, str, str]] = {
         _set("spec.serving.llm", {"enabled": True}),
         "spec.serving.llm.enabled",
         "cel",
-        "requires model.kind brew",
+        "exactly when model.kind is brew",
+    ),
+    "brew without the LLM deployment": (
+        _set("spec.model", {"kind": "brew", "baseModel": "/models/llm"}),
+        "spec.serving.llm.enabled",
+        "cel",
+        "exactly when model.kind is brew",
     ),
     "window out of order": (
         _set("spec.data.window", {"start": "2026-03-01T00:00:00Z", "trainEnd": "2026-02-01T00:00:00Z"}),

@@ -74,6 +74,8 @@ class SequenceRankerConfig(_Optim):
     # set-wise in-session attention over the candidates, added to the pointwise score (section 3.2)
     setwise: bool = True
     n_setwise_layers: PositiveInt = 1
+    setwise_slot_bias: bool = True  # in-session attention biased by how many slots apart two candidates are
+    n_bias_buckets: PositiveInt = 16  # relative-position buckets (set-wise slots; HSTU's rab)
     dropout: Dropout = 0.1
     history_loss_weight: NonNegativeFloat = 1.0  # each history item also predicts its own action
     attention_rank_loss_weight: NonNegativeFloat = 0.1
@@ -110,7 +112,6 @@ class LiGRConfig(SequenceRankerConfig):
 class HSTUConfig(SequenceRankerConfig):
     kind: Literal["hstu"] = "hstu"
     relative_bias: bool = True  # HSTU's relative attention bias, over bucketed event distance
-    n_bias_buckets: PositiveInt = 16
 
 
 class DCNv2Config(_Optim):

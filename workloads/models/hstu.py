@@ -4,6 +4,7 @@ HSTU (Zhai et al. 2024, "Actions Speak Louder than Words", eqs. 1-3), one layer:
 
     U, V, Q, K = Split(SiLU(f1(LN(X))))
     A(X) V(X)  = SiLU(Q K^T + rab) V(X) / n        pointwise aggregated attention: no softmax
+                                                    (rab: ``ligr.RelativeBucketBias``, T5-style buckets)
     Y          = X + f2(Norm(A(X) V(X)) * U(X))    U gates the attention output; there is no MLP
 
 Everything else (tokens, historical and set-wise masks, heads, losses, single-pass scoring) is LiGR's,
@@ -14,26 +15,11 @@ reason LiGR scaled further).
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from workloads.models.config import HSTUConfig
-from workloads.models.ligr import AttentionMask, GenerativeRanker
-
-
-class RelativeBucketBias(nn.Module):
-    """HSTU's relative attention bias rab, over log2-bucketed distance in events (per head)."""
-
-    def __init__(self, n_heads: int, n_buckets: int) -> None:
-        super().__init__()
-        self.n_buckets = n_buckets
-        self.bias = nn.Parameter(torch.zeros(n_heads, n_buckets))
-
-    def forward(self, recency: Tensor) -> Tensor:  # recency: (B, L) -> (B, nh, L, L)
-        distance = (recency[:, None, :] - recency[:, :, None]).clamp(min=0)  # how many events back the key is
-        bucket = torch.log2(1.0 + distance.float()).long().clamp(max=self.n_buckets - 1)
-        return self.bias[:, bucket].permute(1, 0, 2, 3)
+from workloads.models.ligr import AttentionMask, GenerativeRanker, RelativeBucketBias
 
 
 class HSTULayer(nn.Module):
@@ -61,7 +47,7 @@ class HSTULayer(nn.Module):
         u, v, q, k = F.silu(self.uvqk_proj(self.input_norm(h))).chunk(4, dim=-1)
         scores = heads(q) @ heads(k).transpose(-2, -1)  # (B, nh, L, L)
         if self.rel_bias is not None:
-            scores = scores + self.rel_bias(mask.recency)
+            scores = scores + self.rel_bias(mask.position)
         weights = F.silu(scores) * mask.dense()[:, None] / self.attn_len
         y = (weights @ heads(v)).transpose(1, 2).reshape(B, L, D)
         return h + self.dropout(self.o_proj(self.attn_norm(y) * u))
@@ -75,7 +61,9 @@ class HSTUForRanking(GenerativeRanker):
     def __init__(self, cfg: HSTUConfig) -> None:
         super().__init__(cfg)
 
-    def make_block(self) -> nn.Module:
+    def make_block(self, setwise: bool) -> nn.Module:
         cfg = self.cfg
-        bias = RelativeBucketBias(cfg.n_heads, cfg.n_bias_buckets) if cfg.relative_bias else None
+        # rab over event distance in the history, over slot distance in the set-wise layers (as LiGR's)
+        use_bias = cfg.setwise_slot_bias if setwise else cfg.relative_bias
+        bias = RelativeBucketBias(cfg.n_heads, cfg.n_bias_buckets) if use_bias else None
         return HSTULayer(cfg.d_model, cfg.n_heads, cfg.dropout, bias, attn_len=2 * cfg.max_history + 1)

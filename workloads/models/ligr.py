@@ -24,6 +24,7 @@ ids and run by a kernel chosen by name, Hugging Face style: ``eager`` (plain PyT
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -172,7 +173,9 @@ class TokenLayout:
     session: Tensor  # session ordinal, TARGET_SESSION for candidates
     kind: Tensor  # ITEM, ACTION or CANDIDATE
     valid: Tensor  # False at padding
-    recency: Tensor  # events between the token and the target session: 1 = latest history event, 0 = target
+    # history: events between the token and the target session (1 = latest event, 0 = the target);
+    # a candidate set: the slot each candidate is shown in
+    position: Tensor
 
     def historical(self) -> MaskMod:
         """Items read earlier sessions only (plus themselves); actions also read their own session so far.
@@ -205,7 +208,7 @@ class TokenLayout:
         B, H = hist_mask.shape
         S = cand_mask.shape[1]
         device = hist_mask.device
-        recency = (hist_mask.sum(dim=1, keepdim=True) - torch.arange(H, device=device)).clamp(min=0)
+        recency = (hist_mask.sum(dim=1, keepdim=True) - torch.arange(H, device=device)).clamp(min=0)  # (B, H)
         kinds = torch.tensor([ITEM, ACTION], device=device).repeat(H).expand(B, 2 * H)
         return cls(
             session=torch.cat(
@@ -214,17 +217,20 @@ class TokenLayout:
             ),
             kind=torch.cat([kinds, torch.full((B, S), CANDIDATE, device=device)], dim=1),
             valid=torch.cat([hist_mask.repeat_interleave(2, dim=1), cand_mask], dim=1),
-            recency=torch.cat(
+            position=torch.cat(
                 [recency.repeat_interleave(2, dim=1), torch.zeros((B, S), dtype=torch.long, device=device)],
                 dim=1,
             ),
         )
 
     @classmethod
-    def one_session(cls, valid: Tensor) -> TokenLayout:
-        """Tokens that all belong to one session (a request's candidates, an item's feature tokens)."""
+    def one_session(cls, valid: Tensor, slots: Tensor | None = None) -> TokenLayout:
+        """Tokens that all belong to one session: a request's candidates (shown in ``slots``, by default
+        in the order given) or an item's feature tokens."""
         zeros = torch.zeros(valid.shape, dtype=torch.long, device=valid.device)
-        return cls(session=zeros, kind=torch.full_like(zeros, CANDIDATE), valid=valid, recency=zeros)
+        if slots is None:
+            slots = torch.arange(valid.shape[1], device=valid.device).expand(valid.shape)
+        return cls(session=zeros, kind=torch.full_like(zeros, CANDIDATE), valid=valid, position=slots)
 
 
 class AttentionMask:
@@ -232,7 +238,7 @@ class AttentionMask:
 
     def __init__(self, mask_mod: MaskMod, layout: TokenLayout) -> None:
         self.mask_mod = mask_mod
-        self.recency = layout.recency  # (B, L), for relative position biases
+        self.position = layout.position  # (B, L), for relative position biases
         self.batch, self.length = layout.valid.shape
         self.device = layout.valid.device
         self._dense: Tensor | None = None
@@ -255,18 +261,50 @@ class AttentionMask:
         return self._block
 
 
+def relative_buckets(distance: Tensor, n_buckets: int, max_distance: int = 128) -> Tensor:
+    """T5-style buckets of a signed distance: exact near 0, log-spaced up to ``max_distance``, and
+    separate halves for keys before and after the query."""
+    half = n_buckets // 2
+    exact = max(half // 2, 1)
+    magnitude = distance.abs()
+    log_scale = torch.log(magnitude.float().clamp(min=1) / exact) / math.log(max_distance / exact)
+    far = (exact + log_scale * (half - exact)).long().clamp(max=half - 1)
+    return (distance > 0).long() * half + torch.where(magnitude < exact, magnitude, far)
+
+
+class RelativeBucketBias(nn.Module):
+    """A learned per-head attention bias by bucketed relative position (HSTU's rab; LiGR's set-wise slots)."""
+
+    def __init__(self, n_heads: int, n_buckets: int) -> None:
+        super().__init__()
+        self.n_buckets = n_buckets
+        self.bias = nn.Parameter(torch.zeros(n_heads, n_buckets))
+
+    def forward(self, position: Tensor) -> Tensor:  # position: (B, L) -> (B, nh, L, L)
+        bucket = relative_buckets(position[:, None, :] - position[:, :, None], self.n_buckets)  # (B, L, L)
+        return self.bias[:, bucket].permute(1, 0, 2, 3)
+
+
 # --- Attention kernels, chosen by name --------------------------------------------------------------
 
+# q, k, v: (B, nh, L, hd); bias: None or (B, nh, L, L) added to the scores before the softmax
+AttentionFn = Callable[[Tensor, Tensor, Tensor, AttentionMask, Tensor | None], Tensor]
 
-def eager_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
-    """The reference: softmax(q k^T / sqrt(d) + mask) v in plain PyTorch. q, k, v: (B, nh, L, hd)."""
+
+def eager_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, bias: Tensor | None) -> Tensor:
+    """The reference: softmax(q k^T / sqrt(d) + bias + mask) v in plain PyTorch."""
     scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, nh, L, L)
+    if bias is not None:
+        scores = scores + bias
     scores = scores.masked_fill(~mask.dense()[:, None], float("-inf"))
     return torch.softmax(scores, dim=-1) @ v
 
 
-def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense()[:, None])
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, bias: Tensor | None) -> Tensor:
+    allowed = mask.dense()[:, None]  # (B, 1, L, L)
+    if bias is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.masked_fill(~allowed, float("-inf")))
 
 
 @cache
@@ -276,28 +314,36 @@ def _compiled_flex_attention() -> Callable[..., Any]:
     return cast(Callable[..., Any], torch.compile(flex_attention))
 
 
-def flex_attention_kernel(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
+def flex_attention_kernel(
+    q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, bias: Tensor | None
+) -> Tensor:
     """FlexAttention over the block mask: compiled on GPU; on CPU unfused, and for inference only."""
     if not q.is_cuda and q.requires_grad:
         # torch 2.13's CPU FlexAttention has no backward pass: train on CPU with the dense mask
-        return sdpa_attention(q, k, v, mask)
+        return sdpa_attention(q, k, v, mask, bias)
+    score_mod = None
+    if bias is not None:
+        bias_table = bias
+
+        def score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            return score + bias_table[b, h, q_idx, kv_idx]
+
     if q.is_cuda:
-        return cast(Tensor, _compiled_flex_attention()(q, k, v, block_mask=mask.block_mask()))
+        flex = _compiled_flex_attention()
+        return cast(Tensor, flex(q, k, v, score_mod=score_mod, block_mask=mask.block_mask()))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        return cast(Tensor, flex_attention(q, k, v, block_mask=mask.block_mask()))
+        return cast(Tensor, flex_attention(q, k, v, score_mod=score_mod, block_mask=mask.block_mask()))
 
 
-ATTENTION_FUNCTIONS: dict[str, Callable[[Tensor, Tensor, Tensor, AttentionMask], Tensor]] = {
+ATTENTION_FUNCTIONS: dict[str, AttentionFn] = {
     "eager": eager_attention,
     "sdpa": sdpa_attention,
     "flex": flex_attention_kernel,
 }
 
 
-def attention_function(
-    impl: str, device: torch.device
-) -> Callable[[Tensor, Tensor, Tensor, AttentionMask], Tensor]:
+def attention_function(impl: str, device: torch.device) -> AttentionFn:
     if impl == "auto":
         impl = "flex" if device.type == "cuda" else "sdpa"
     return ATTENTION_FUNCTIONS[impl]
@@ -307,13 +353,16 @@ def attention_function(
 
 
 class MultiHeadAttention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, attn_impl: str) -> None:
+    def __init__(
+        self, d_model: int, n_heads: int, attn_impl: str, rel_bias: RelativeBucketBias | None = None
+    ) -> None:
         super().__init__()
         self.n_heads, self.attn_impl = n_heads, attn_impl
         self.q_proj = nn.Linear(d_model, d_model, bias=False)
         self.k_proj = nn.Linear(d_model, d_model, bias=False)
         self.v_proj = nn.Linear(d_model, d_model, bias=False)
         self.o_proj = nn.Linear(d_model, d_model)
+        self.rel_bias = rel_bias
 
     def forward(self, x: Tensor, mask: AttentionMask) -> Tensor:  # x: (B, L, D)
         B, L, D = x.shape
@@ -322,7 +371,8 @@ class MultiHeadAttention(nn.Module):
             return t.view(B, L, self.n_heads, D // self.n_heads).transpose(1, 2)  # (B, nh, L, hd)
 
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-        y = attention_function(self.attn_impl, x.device)(q, k, v, mask)  # (B, nh, L, hd)
+        bias = None if self.rel_bias is None else self.rel_bias(mask.position)  # (B, nh, L, L)
+        y = attention_function(self.attn_impl, x.device)(q, k, v, mask, bias)  # (B, nh, L, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, L, D))
 
 
@@ -342,10 +392,18 @@ class GatedBlock(nn.Module):
     The gate reads the un-normalized residual stream: sigmoid(h W), as in the paper's equation.
     """
 
-    def __init__(self, d_model: int, n_heads: int, ffn_mult: int, dropout: float, attn_impl: str) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        ffn_mult: int,
+        dropout: float,
+        attn_impl: str,
+        rel_bias: RelativeBucketBias | None = None,
+    ) -> None:
         super().__init__()
         self.attn_norm = nn.LayerNorm(d_model)
-        self.attn = MultiHeadAttention(d_model, n_heads, attn_impl)
+        self.attn = MultiHeadAttention(d_model, n_heads, attn_impl, rel_bias)
         self.attn_gate = nn.Linear(d_model, d_model, bias=False)
         self.ffn_norm = nn.LayerNorm(d_model)
         self.ffn = FeedForward(d_model, ffn_mult)
@@ -365,7 +423,7 @@ class GatedBlock(nn.Module):
 class LiGRModel(nn.Module):
     """Interleaved history tokens + candidate tokens -> hidden states under historical attention."""
 
-    def __init__(self, cfg: SequenceRankerConfig, make_block: Callable[[], nn.Module]) -> None:
+    def __init__(self, cfg: SequenceRankerConfig, make_block: Callable[[bool], nn.Module]) -> None:
         super().__init__()
         self.cfg = cfg
         self.items = ItemTokenizer(cfg)
@@ -373,7 +431,7 @@ class LiGRModel(nn.Module):
         # learned positions by recency (A.1 found them as good as a relative bias); 0 = target session
         self.position = nn.Embedding(cfg.max_history + 1, cfg.d_model)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(make_block() for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(make_block(False) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.d_model)
 
     def forward(self, batch: RankingBatch) -> tuple[Tensor, Tensor]:
@@ -385,15 +443,13 @@ class LiGRModel(nn.Module):
                 f"max_history={self.cfg.max_history}, max_candidates={self.cfg.max_candidates}"
             )
         layout = TokenLayout.interleaved(batch.hist_session, batch.hist_mask, batch.cand_mask)
-        position = self.position(layout.recency[:, 0 : 2 * H : 2])  # (B, H, D)
+        position = self.position(layout.position[:, 0 : 2 * H : 2])  # (B, H, D)
         item_tokens = self.items(history_features(batch)) + position
         # the outcome token carries its item too, so later sessions read (item, outcome) pairs directly;
         # with the action embedding alone, tiny worlds never learned member-actor affinity (docs/models.md)
         action_tokens = item_tokens + self.actions(batch.hist_actions)
         history = torch.stack([item_tokens, action_tokens], dim=2).flatten(1, 2)  # (B, 2H, D)
-        candidates = self.items(candidate_features(batch)) + self.position(
-            layout.recency[:, 2 * H :]
-        )  # (B, S, D)
+        candidates = self.items(candidate_features(batch)) + self.position(layout.position[:, 2 * H :])
         x = self.dropout(torch.cat([history, candidates], dim=1))  # (B, 2H + S, D)
         mask = AttentionMask(layout.historical(), layout)
         for block in self.blocks:
@@ -444,7 +500,7 @@ class GenerativeRanker(RankingModel):
         self.backbone = LiGRModel(cfg, self.make_block)
         self.pointwise_head = TaskHeads(cfg.d_model)
         if cfg.setwise:
-            self.setwise_blocks = nn.ModuleList(self.make_block() for _ in range(cfg.n_setwise_layers))
+            self.setwise_blocks = nn.ModuleList(self.make_block(True) for _ in range(cfg.n_setwise_layers))
             self.setwise_norm = nn.LayerNorm(cfg.d_model)
             self.setwise_head = TaskHeads(cfg.d_model)
         self.apply(init_weights)
@@ -452,16 +508,22 @@ class GenerativeRanker(RankingModel):
             for out in self.setwise_head.out.values():
                 nn.init.zeros_(cast(nn.Linear, out).weight)
 
-    def make_block(self) -> nn.Module:
+    def make_block(self, setwise: bool) -> nn.Module:
+        """One transformer layer: of the historical stack, or of the set-wise stack."""
         raise NotImplementedError
 
     def encode(self, batch: RankingBatch) -> Tensor:
         """(B, S, D) candidate states after historical attention: the history is encoded once."""
         return self.backbone(batch)[1]
 
-    def setwise_correction(self, cand_states: Tensor, cand_mask: Tensor) -> Tensor:
-        """(B, S, T): the candidates of one session attend to each other; the result is added to pointwise."""
-        layout = TokenLayout.one_session(cand_mask)
+    def setwise_correction(
+        self, cand_states: Tensor, cand_mask: Tensor, slots: Tensor | None = None
+    ) -> Tensor:
+        """(B, S, T): the candidates of one session attend to each other; the result is added to pointwise.
+
+        ``slots`` (B, S) are the positions the candidates are shown in; None means in the order given.
+        """
+        layout = TokenLayout.one_session(cand_mask, slots)
         mask = AttentionMask(layout.in_session(), layout)
         x = cand_states
         for block in self.setwise_blocks:
@@ -471,7 +533,9 @@ class GenerativeRanker(RankingModel):
     def forward(self, batch: RankingBatch) -> RankingOutput:
         hist_states, cand_states = self.backbone(batch)
         pointwise = self.pointwise_head(cand_states)  # (B, S, T)
-        setwise = self.setwise_correction(cand_states, batch.cand_mask) if self.cfg.setwise else None
+        setwise = None
+        if self.cfg.setwise:
+            setwise = self.setwise_correction(cand_states, batch.cand_mask, batch.cand_position)
         logits = pointwise if setwise is None else pointwise + setwise
         loss = None
         if batch.labels is not None:
@@ -500,7 +564,7 @@ class GenerativeRanker(RankingModel):
     def score_setwise(
         self, batch: RankingBatch, top_k_idx: Tensor, cand_states: Tensor | None = None
     ) -> Tensor:
-        """(B, k, T) correction for the candidates ``top_k_idx`` (B, k), attending only to each other."""
+        """(B, k, T) correction for the candidates ``top_k_idx`` (B, k) as one set, shown in that order."""
         if not self.cfg.setwise:
             return super().score_setwise(batch, top_k_idx)
         states = self.encode(batch) if cand_states is None else cand_states
@@ -516,9 +580,13 @@ class LiGRForRanking(GenerativeRanker):
     def __init__(self, cfg: LiGRConfig) -> None:
         super().__init__(cfg)
 
-    def make_block(self) -> nn.Module:
+    def make_block(self, setwise: bool) -> nn.Module:
         cfg = self.cfg
-        return GatedBlock(cfg.d_model, cfg.n_heads, cfg.ffn_mult, cfg.dropout, cfg.attn_impl)
+        # set-wise attention knows how far apart two candidates are shown: the rules it replaces
+        # ("two items between posts of one actor", 3.2) are about order; history uses absolute positions
+        slot_bias = setwise and cfg.setwise_slot_bias
+        rel_bias = RelativeBucketBias(cfg.n_heads, cfg.n_bias_buckets) if slot_bias else None
+        return GatedBlock(cfg.d_model, cfg.n_heads, cfg.ffn_mult, cfg.dropout, cfg.attn_impl, rel_bias)
 
 
 # --- Retrieval (3.4) -----------------------------------------------------------------------------------
@@ -568,11 +636,11 @@ class LiGRRetrieval(NextItemModel):
         every_event_a_session = torch.arange(L, device=batch.item_id.device).expand(B, L)
         no_candidates = batch.mask[:, :0]
         layout = TokenLayout.interleaved(every_event_a_session, batch.mask, no_candidates)
-        position = self.position(layout.recency[:, 0 : 2 * L : 2])  # (B, L, D)
+        position = self.position(layout.position[:, 0 : 2 * L : 2])  # (B, L, D)
         items = self.item_embedding(batch.item_id) + position
         if not self.cfg.interleave_actions:
             layout = TokenLayout(
-                layout.session[:, ::2], layout.kind[:, ::2], batch.mask, layout.recency[:, ::2]
+                layout.session[:, ::2], layout.kind[:, ::2], batch.mask, layout.position[:, ::2]
             )
             x = self.dropout(items)
         else:

@@ -75,7 +75,7 @@ class SASRec(NextItemModel):
             session=torch.arange(L, device=x.device).expand(B, L),
             kind=torch.zeros_like(batch.item_id),
             valid=batch.mask,
-            recency=recency,
+            position=recency,
         )
         mask = AttentionMask(layout.historical(), layout)
         for block in self.blocks:

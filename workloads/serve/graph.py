@@ -11,11 +11,11 @@ config, whose ``import_path`` is ``workloads.serve.graph:build_app``. A new mode
 ``artifact_uri`` in that config: redeploying it rolls the scorer replicas, no code changes.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Serve reads build_app's parameter annotation as a class
+# to validate the config's args into a GraphArgs, and a string annotation would hand build_app a dict.
 import json
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, Self, cast
 
 from pydantic import (
     BaseModel,
@@ -94,7 +94,7 @@ class GraphArgs(BaseModel):
         return weights
 
     @model_validator(mode="after")
-    def _llm_consistent(self) -> GraphArgs:
+    def _llm_consistent(self) -> Self:
         if self.model_kind == "brew" and not self.llm_enabled:
             raise ValueError("model_kind brew needs llm_enabled: true (brew is served by the LLM deployment)")
         if self.llm_enabled and self.world_dir is None:

@@ -75,6 +75,7 @@ def test_status_round_trips_through_its_wire_form() -> None:
             kind=ModelKind.LIGR,
             artifact_uri="s3://b/m/v1/model",
             feature_repo="/app/feature_repo",
+            data_source="s3://b/world",
         ),
     )
     wire = status.model_dump(mode="json", by_alias=True, exclude_none=True)

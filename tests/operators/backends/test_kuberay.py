@@ -77,7 +77,7 @@ def _models() -> dict[str, RankingModel]:
         workers=4,
         gpusPerWorker=1,
         nodePool={
-            "nodeSelector": {"rankray.io/node-pool": "gpu"},
+            "nodeSelector": {"rankray.io/pool": "gpu"},
             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
         },
     )
@@ -205,7 +205,7 @@ def test_gpu_stages_land_on_the_gpu_node_pool_and_preprocessing_does_not() -> No
         assert ("nodeSelector" in pod) is expect_gpu
         if expect_gpu:
             assert limits["nvidia.com/gpu"] == 1
-            assert pod["nodeSelector"] == {"rankray.io/node-pool": "gpu"}
+            assert pod["nodeSelector"] == {"rankray.io/pool": "gpu"}
             assert pod["tolerations"] == [
                 {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
             ]
@@ -269,28 +269,30 @@ def test_the_rayservice_carries_the_serve_config_of_its_version() -> None:
     ]
 
 
-def test_the_llm_deployment_gets_its_gpu_worker_group() -> None:
+def test_a_brew_model_is_served_by_llm_replicas_on_the_gpu_node_pool() -> None:
     model = MODELS["jobs-brew"]
     service = rayservice(model, _serving_app(model), SETTINGS)
-    deployments = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["deployments"]
-    assert [(d["name"], d.get("num_replicas")) for d in deployments] == [
-        ("PointwiseScorer", 2),
-        ("BrewScorer", 1),
-    ]
-    assert deployments[1]["ray_actor_options"]["num_gpus"] == 1
+    application = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]
+    (scorer,) = application["deployments"]
+    assert (scorer["name"], scorer["num_replicas"]) == ("BrewScorer", 2)
+    assert scorer["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 1}
+    assert application["args"]["world_dir"] == "/mnt/pvc/rankray-data/world"
     groups = {g["groupName"]: g for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    assert (groups["llm"]["replicas"], groups["serve"]["replicas"]) == (2, 1)
     llm_pod = groups["llm"]["template"]["spec"]
     assert llm_pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert llm_pod["nodeSelector"] == {"rankray.io/node-pool": "gpu"}
+    assert llm_pod["nodeSelector"] == {"rankray.io/pool": "gpu"}
     assert "nodeSelector" not in groups["serve"]["template"]["spec"]
 
 
-def test_a_ligr_version_never_gets_an_llm_deployment_even_if_the_spec_asks() -> None:
+def test_the_version_not_the_spec_decides_what_is_deployed() -> None:
+    """A LiGR version still serving while a switch to brew trains keeps its own graph."""
     brew = MODELS["jobs-brew"]
     ligr_version = new_version(MODELS["feed-ligr"].spec, "jobs-brew", 3)
     service = rayservice(brew, ServingApp("jobs-brew", ligr_version, brew.spec.serving), SETTINGS)
-    deployments = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["deployments"]
-    assert [d["name"] for d in deployments] == ["PointwiseScorer"]
+    application = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]
+    assert [d["name"] for d in application["deployments"]] == ["PointwiseScorer"]
+    assert application["args"]["llm_enabled"] is False and "world_dir" not in application["args"]
     assert [g["groupName"] for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]] == ["serve"]
 
 

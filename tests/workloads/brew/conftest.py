@@ -56,7 +56,7 @@ def lora_training(
         name="test-lora",
         base={"kind": "path", "path": tiny_base},
         tasks=["job_apply", "feed_like"],
-        max_context_tokens=192,
+        max_context_tokens=256,
         examples_per_task=16,
         pretrain_blocks=8,
         pretrain_block_tokens=64,

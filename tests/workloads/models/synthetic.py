@@ -72,19 +72,17 @@ def random_batch(
     return collate(example_rows(rng, n_rows, hist_len, cand_len), content_table(rng))
 
 
-def planted_batch(rng: np.random.Generator, n_rows: int, hist_len: int = 12, n_cand: int = 8) -> RankingBatch:
-    """Each member has a favourite actor, visible only through which history posts they acted on.
-
-    A candidate's labels are 1 exactly when its actor is the favourite, so a model scores well only
-    if candidates read the history's action tokens.
-    """
-    n_actors = 8
-    favourite = rng.integers(0, n_actors, n_rows)
-    hist_actor = rng.integers(0, n_actors, (n_rows, hist_len))
-    cand_actor = rng.integers(0, n_actors, (n_rows, n_cand))
-    engaged = (1 << Action.CLICK) | (1 << Action.LIKE) | (1 << Action.LONG_DWELL)
-    hist_actions = np.where(hist_actor == favourite[:, None], engaged, 0)
-    cand_actions = np.where(cand_actor == favourite[:, None], engaged, 0)
+def _rows_from_matrices(
+    rng: np.random.Generator,
+    hist_actor: np.ndarray,
+    hist_actions: np.ndarray,
+    cand_actor: np.ndarray,
+    cand_actions: np.ndarray,
+    events_per_session: int = 3,
+) -> RankingBatch:
+    """A batch whose rows all have the same history and slate lengths; only actors and actions vary."""
+    n_rows, hist_len = hist_actor.shape
+    n_cand = cand_actor.shape[1]
 
     def col(matrix: np.ndarray, dtype: type) -> np.ndarray:
         return object_column([row.astype(dtype) for row in matrix])
@@ -95,7 +93,7 @@ def planted_batch(rng: np.random.Generator, n_rows: int, hist_len: int = 12, n_c
         "hist_actor_id": col(hist_actor, np.int64),
         "hist_post_type": col(zeros_h, np.int8),
         "hist_age_bucket": col(zeros_h, np.int8),
-        "hist_session_id": col(np.tile(np.arange(hist_len) // 3, (n_rows, 1)), np.int64),
+        "hist_session_id": col(np.tile(np.arange(hist_len) // events_per_session, (n_rows, 1)), np.int64),
         "hist_actions": col(hist_actions, np.int16),
         "cand_item_id": col(rng.integers(0, 1000, (n_rows, n_cand)), np.int64),
         "cand_actor_id": col(cand_actor, np.int64),
@@ -106,6 +104,39 @@ def planted_batch(rng: np.random.Generator, n_rows: int, hist_len: int = 12, n_c
         **{f"cand_{c}": col(zeros_c, np.float32) for c in COUNTER_FEATURES},
     }
     return collate(rows, ItemContentTable.zeros(1000, CONTENT_DIM))
+
+
+ENGAGED = (1 << Action.CLICK) | (1 << Action.LIKE) | (1 << Action.LONG_DWELL)
+
+
+def planted_batch(rng: np.random.Generator, n_rows: int, hist_len: int = 12, n_cand: int = 8) -> RankingBatch:
+    """Each member has a favourite actor, visible only through which history posts they acted on.
+
+    A candidate's labels are 1 exactly when its actor is the favourite, so a model scores well only
+    if candidates read the history's action tokens.
+    """
+    n_actors = 8
+    favourite = rng.integers(0, n_actors, n_rows)
+    hist_actor = rng.integers(0, n_actors, (n_rows, hist_len))
+    cand_actor = rng.integers(0, n_actors, (n_rows, n_cand))
+    hist_actions = np.where(hist_actor == favourite[:, None], ENGAGED, 0)
+    cand_actions = np.where(cand_actor == favourite[:, None], ENGAGED, 0)
+    return _rows_from_matrices(rng, hist_actor, hist_actions, cand_actor, cand_actions)
+
+
+def planted_slate_batch(rng: np.random.Generator, n_rows: int, n_cand: int = 8) -> RankingBatch:
+    """A post right below another post of the same actor is skipped; every other post is engaged with.
+
+    No candidate's own features or the history say which is which: only the slate order does, so
+    pointwise scoring is at chance and the set-wise part has to read the slot above.
+    """
+    cand_actor = rng.integers(0, 3, (n_rows, n_cand))
+    repeated = np.zeros_like(cand_actor, dtype=bool)
+    repeated[:, 1:] = cand_actor[:, 1:] == cand_actor[:, :-1]
+    hist_actor = rng.integers(0, 3, (n_rows, 2))
+    return _rows_from_matrices(
+        rng, hist_actor, np.zeros_like(hist_actor), cand_actor, np.where(repeated, 0, ENGAGED)
+    )
 
 
 def candidate_slice(batch: RankingBatch, index: torch.Tensor | slice) -> RankingBatch:

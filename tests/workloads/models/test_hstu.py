@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from tests.workloads.models.synthetic import candidate_slice, random_batch
 from workloads.models.config import HSTUConfig
-from workloads.models.hstu import HSTUForRanking, HSTULayer, RelativeBucketBias
-from workloads.models.ligr import AttentionMask, TokenLayout
+from workloads.models.hstu import HSTUForRanking, HSTULayer
+from workloads.models.ligr import AttentionMask, RelativeBucketBias, TokenLayout, relative_buckets
 
 
 def hstu(**overrides: object) -> HSTUForRanking:
@@ -28,7 +28,7 @@ def test_layer_computes_the_hstu_equations() -> None:
         session=torch.tensor([[0, 1, 2]]),
         kind=torch.zeros(1, 3, dtype=torch.long),
         valid=torch.ones(1, 3, dtype=torch.bool),
-        recency=torch.tensor([[3, 2, 1]]),
+        position=torch.tensor([[3, 2, 1]]),  # recency
     )
     mask = AttentionMask(layout.historical(), layout)  # causal here: one event per session
     u, v, q, k = F.silu(layer.uvqk_proj(layer.input_norm(h))).chunk(4, dim=-1)
@@ -36,8 +36,8 @@ def test_layer_computes_the_hstu_equations() -> None:
     for head in range(2):
         cols = slice(4 * head, 4 * head + 4)
         scores = q[0, :, cols] @ k[0, :, cols].T
-        distance = torch.tensor([[0, 0, 0], [1, 0, 0], [2, 1, 0]])  # events back, clamped at 0
-        scores = scores + layer.rel_bias.bias[head, torch.log2(1.0 + distance).long()]  # type: ignore[union-attr]
+        events_back = torch.tensor([[0, -1, -2], [1, 0, -1], [2, 1, 0]])
+        scores = scores + layer.rel_bias.bias[head, relative_buckets(events_back, 4)]  # type: ignore[union-attr]
         weights = F.silu(scores) * torch.tril(torch.ones(3, 3)) / 9  # SiLU, no softmax, fixed n
         head_outputs.append(weights @ v[0, :, cols])
     expected = h + layer.o_proj(layer.attn_norm(torch.cat(head_outputs, dim=-1)) * u)

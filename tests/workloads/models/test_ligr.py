@@ -12,6 +12,7 @@ from tests.workloads.models.synthetic import (
     content_table,
     example_rows,
     planted_batch,
+    planted_slate_batch,
     random_batch,
 )
 from workloads.models.batch import RankingBatch, SemanticIdTable, collate, collate_sequences
@@ -25,6 +26,7 @@ from workloads.models.ligr import (
     LiGRForRanking,
     LiGRRetrieval,
     TokenLayout,
+    relative_buckets,
 )
 
 
@@ -169,17 +171,29 @@ def test_split_scoring_setwise_on_the_chosen_candidates_only() -> None:
         everyone = net.score_setwise(batch, torch.arange(6).expand(2, 6), cand_states=states)
         top = torch.tensor([[4, 0, 2], [1, 5, 3]])
         chosen = net.score_setwise(batch, top)
-        alone = net(candidate_slice(batch, torch.tensor([4, 0, 2])))
+        shown_alone = candidate_slice(batch, torch.tensor([4, 0, 2]))
+        shown_alone.cand_position = torch.arange(3).expand(2, 3)  # in the order chosen
+        alone = net(shown_alone)
     assert out.setwise_logits is not None and alone.setwise_logits is not None
     torch.testing.assert_close(everyone, out.setwise_logits)
     torch.testing.assert_close(out.logits, out.pointwise_logits + out.setwise_logits)
     torch.testing.assert_close(net.score_pointwise(batch, cand_states=states), out.pointwise_logits)
-    # the top-k are a set of their own: same as a request that showed only them
+    # the top-k are a set of their own: same as a request that showed only them, in that order
     torch.testing.assert_close(chosen[0], alone.setwise_logits[0], atol=1e-5, rtol=1e-5)
-    # and the set is unordered: permuting it permutes the corrections
+
+
+@pytest.mark.parametrize("slot_bias", [True, False])
+def test_setwise_order_matters_only_through_the_slot_bias(slot_bias: bool) -> None:
+    batch = random_batch(seed=5, n_rows=2, cand_len=(6, 6))
+    net = model(setwise_slot_bias=slot_bias)
+    for p in [*net.setwise_head.parameters(), *net.setwise_blocks.parameters()]:
+        torch.nn.init.normal_(p, std=0.3)
+    top = torch.tensor([[4, 0, 2], [1, 5, 3]])
     with torch.no_grad():
+        chosen = net.score_setwise(batch, top)
         permuted = net.score_setwise(batch, top[:, [2, 0, 1]])
-    torch.testing.assert_close(permuted, chosen[:, [2, 0, 1]], atol=1e-5, rtol=1e-5)
+    # without the bias the set is unordered: permuting it permutes the corrections
+    assert torch.allclose(permuted, chosen[:, [2, 0, 1]], atol=1e-5) != slot_bias
 
 
 def test_models_without_setwise_correct_nothing() -> None:
@@ -285,6 +299,34 @@ def test_learns_a_signal_that_only_the_history_reveals() -> None:
     auc = roc_auc_score(test.labels[..., 0].flatten().numpy(), scores[..., 0].flatten().numpy())
     assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])  # BCE and listwise terms have floors
     assert auc > 0.9, auc
+
+
+def test_relative_buckets_are_exact_near_zero_and_signed() -> None:
+    distance = torch.tensor([-3, -2, -1, 0, 1, 2, 3, 50, 500])
+    buckets = relative_buckets(distance, 16).tolist()
+    assert buckets[:7] == [3, 2, 1, 0, 9, 10, 11]  # one bucket per slot near the query, by side
+    assert 11 < buckets[7] <= buckets[8] == 15  # far keys share log-spaced buckets
+
+
+def test_setwise_learns_what_only_the_slate_order_reveals() -> None:
+    """A post right below one of the same actor is skipped: pointwise is at chance, set-wise is not."""
+    rng = np.random.default_rng(14)
+    torch.manual_seed(0)
+    net = LiGRForRanking(tiny(d_model=32, use_features=frozenset({"actor_id"}), lr_dense=0.003))
+    optimizer = torch.optim.AdamW(net.param_groups())
+    for _ in range(150):
+        out = net(planted_slate_batch(rng, 64))
+        assert out.loss is not None
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    test = planted_slate_batch(rng, 128)
+    with torch.no_grad():
+        out = net.eval()(test)
+    assert test.labels is not None
+    labels = test.labels[..., 0].flatten().numpy()
+    assert roc_auc_score(labels, out.logits[..., 0].flatten().numpy()) > 0.9
+    assert roc_auc_score(labels, out.pointwise_logits[..., 0].flatten().numpy()) < 0.65
 
 
 # --- retrieval -----------------------------------------------------------------------------------------
