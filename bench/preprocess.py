@@ -5,8 +5,8 @@ parquet file to examples in memory (last-256 histories plus candidates, no count
 
 (a) the Ray Data pipeline of `workloads.data.preprocess` (read, repartition by member, vectorized
     `map_batches`, materialized in the object store): the code `preprocess.run` executes;
-(b) a pandas reference written independently (groupby/cumcount, then one gather into padded
-    ``(sessions, 256)`` arrays), in one process;
+(b) a pandas reference written independently (groupby/cumcount, then one gather per column), in
+    one process, producing the same examples;
 (core) the pipeline's own per-block function on the whole log in one process, which shows what
     Ray itself costs;
 (c) a per-member `groupby().map_groups()` with a Python loop, on a subsample of members, to show
@@ -65,57 +65,47 @@ CANDIDATE_FIELDS = ["item_id", "actor_id", "post_type", "topic", "age_bucket", "
 
 
 # --- (b) the pandas reference --------------------------------------------------------------------------
-def pandas_reference(path: Path, window: SplitWindow, surfaces: list[str]) -> dict[str, np.ndarray]:
-    """Examples as padded arrays: ``hist_*`` (sessions, 256) right-aligned, ``cand_*`` (sessions, S)."""
+def pandas_reference(path: Path, window: SplitWindow, surfaces: list[str]) -> dict[str, Any]:
+    """The same examples from pandas groupby/cumcount and one gather per column, in one process.
+
+    Returns plain arrays in session-id order: per-session columns, and for each history and
+    candidate field the values of all sessions concatenated plus their ``*_len``.
+    """
     log = pd.read_parquet(path, columns=EVENT_COLUMNS, filters=[("surface", "in", surfaces)])
     log["timestamp"] = log["timestamp"].astype("int64")
-    log["age_bucket"] = np.minimum(
-        np.log2(1.0 + np.maximum(log["timestamp"] - log["item_created_at"].astype("int64"), 0) / 3.6e9) // 1,
-        N_AGE_BUCKETS - 1,
-    ).astype(np.int8)
-    log["actions"] = sum(log[a.name.lower()].astype(np.int16) * (1 << int(a)) for a in Action).astype(
-        np.int16
-    )
+    age_hours = np.maximum(log["timestamp"] - log["item_created_at"].astype("int64"), 0) / 3.6e9
+    log["age_bucket"] = np.minimum(np.log2(1.0 + age_hours) // 1, N_AGE_BUCKETS - 1).astype(np.int8)
+    log["actions"] = sum(log[a.name.lower()].astype(np.int16) * (1 << int(a)) for a in Action)
     log = log.sort_values(["member_id", "timestamp", "session_id", "position"], ignore_index=True)
 
-    # Index of each event in its member's timeline, and of the first event at the same instant.
+    # Index of each event in its member's timeline, and of the member's first event at that instant.
     log["k"] = log.groupby("member_id").cumcount()
     log["k_instant"] = log.groupby(["member_id", "timestamp"])["k"].transform("min")
-    member_offset = log.index.to_numpy() - log["k"].to_numpy()
-    log["member_offset"] = member_offset
+    log["member_offset"] = log.index.to_numpy() - log["k"].to_numpy()
     sessions = log.groupby("session_id", sort=True).agg(
         member_id=("member_id", "first"),
         start=("timestamp", "min"),
-        before=("k_instant", "first"),  # events of the member strictly before the session starts
+        before=("k_instant", "first"),  # the member's events strictly before the session starts
         member_offset=("member_offset", "first"),
         n=("k", "size"),
     )
     sessions = sessions[(sessions["start"] >= window.train_start) & (sessions["start"] < window.eval_end)]
 
-    slot = np.arange(MAX_HISTORY) - MAX_HISTORY  # -256 .. -1: right-aligned, most recent last
-    k = sessions["before"].to_numpy()[:, None] + slot
-    hist_valid = k >= 0
-    hist_rows = np.where(hist_valid, sessions["member_offset"].to_numpy()[:, None] + k, 0)
-    out: dict[str, np.ndarray] = {
+    hist_len = np.minimum(sessions["before"].to_numpy(), MAX_HISTORY)
+    hist_begin = sessions["member_offset"].to_numpy() + sessions["before"].to_numpy() - hist_len
+    hist_rows = np.repeat(hist_begin - (np.cumsum(hist_len) - hist_len), hist_len) + np.arange(hist_len.sum())
+    shown = log[log["session_id"].isin(sessions.index)].sort_values(["session_id", "position"])
+    out: dict[str, Any] = {
         "session_id": sessions.index.to_numpy(),
         "member_id": sessions["member_id"].to_numpy(),
         "session_start": sessions["start"].to_numpy(),
-        "hist_valid": hist_valid,
+        "hist_len": hist_len,
+        "cand_len": sessions["n"].to_numpy(),
     }
     for name in HISTORY_FIELDS:
         out[f"hist_{name}"] = log[name].to_numpy()[hist_rows]
-
-    shown = log[log["session_id"].isin(sessions.index)].sort_values(["session_id", "position"])
-    shown_slot = shown.groupby("session_id").cumcount().to_numpy()
-    row = np.repeat(np.arange(len(sessions)), sessions["n"].to_numpy())
-    width = int(sessions["n"].max())
-    out["cand_valid"] = np.zeros((len(sessions), width), bool)
-    out["cand_valid"][row, shown_slot] = True
     for name in CANDIDATE_FIELDS:
-        values = shown[name].to_numpy()
-        padded = np.zeros((len(sessions), width), values.dtype)
-        padded[row, shown_slot] = values
-        out[f"cand_{name}"] = padded
+        out[f"cand_{name}"] = shown[name].to_numpy()
     return out
 
 
@@ -142,18 +132,18 @@ def per_member_examples(events: pd.DataFrame, window: SplitWindow) -> pd.DataFra
 
 
 # --- (a) = (b): same examples ----------------------------------------------------------------------------
-def assert_same_examples(table: pa.Table, reference: dict[str, np.ndarray]) -> None:
-    """The pipeline's list columns, flattened in session order, equal the reference's valid cells."""
+def assert_same_examples(table: pa.Table, reference: dict[str, Any]) -> None:
+    """The pipeline's examples, in session order, equal the reference's value for value."""
     table = table.sort_by("session_id")
-    np.testing.assert_array_equal(table.column("session_id").to_numpy(), reference["session_id"])
-    np.testing.assert_array_equal(table.column("member_id").to_numpy(), reference["member_id"])
-    np.testing.assert_array_equal(table.column("session_start").to_numpy(), reference["session_start"])
-    np.testing.assert_array_equal(table.column("history_len").to_numpy(), reference["hist_valid"].sum(axis=1))
+    for name in ("session_id", "member_id", "session_start"):
+        np.testing.assert_array_equal(table.column(name).to_numpy(), reference[name], name)
+    np.testing.assert_array_equal(table.column("history_len").to_numpy(), reference["hist_len"])
+    n_cand = pc.list_value_length(table.column("cand_item_id")).to_numpy(zero_copy_only=False)
+    np.testing.assert_array_equal(n_cand, reference["cand_len"])
     for prefix, names in (("hist", HISTORY_FIELDS), ("cand", CANDIDATE_FIELDS)):
-        valid = reference[f"{prefix}_valid"]
         for name in names:
             flat = pc.list_flatten(table.column(f"{prefix}_{name}")).to_numpy()
-            np.testing.assert_array_equal(flat, reference[f"{prefix}_{name}"][valid], f"{prefix}_{name}")
+            np.testing.assert_array_equal(flat, reference[f"{prefix}_{name}"], f"{prefix}_{name}")
 
 
 # --- Timing ------------------------------------------------------------------------------------------------

@@ -167,6 +167,8 @@ def stage_config(
             "out_dir": resolve(f"{work}/examples"),
             "max_history": spec.model.history_length,
             "surfaces": surfaces,
+            # join the cluster the job runs on (RAY_ADDRESS); its own default starts a private one
+            "ray_address": "auto",
             **split,
         }
     if stage is Stage.TRAIN and spec.model.kind is ModelKind.LIGR:  # workloads.train.config.TrainConfig

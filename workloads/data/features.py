@@ -229,12 +229,11 @@ def build_feature_tables(world_dir: Path, cfg: FeatureTablesConfig | None = None
         ),
         **counter_snapshots(impressions, counter_as_of),
     }
-    as_iso = [_iso(t) for t in counter_as_of]
     manifest = {
         "world": str(world_dir),
         "end": _iso(end),
         "history_snapshots": [_iso(t) for t in history_as_of],
-        "counter_snapshots": as_iso,
+        "counter_snapshots": [_iso(t) for t in counter_as_of],
         "rows": {name: table.num_rows for name, table in tables.items()},
         "config": cfg.model_dump(),
     }

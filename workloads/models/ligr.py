@@ -504,9 +504,6 @@ class GenerativeRanker(RankingModel):
             self.setwise_norm = nn.LayerNorm(cfg.d_model)
             self.setwise_head = TaskHeads(cfg.d_model)
         self.apply(init_weights)
-        if cfg.setwise:  # start as "no correction": the set-wise part learns only what pointwise misses
-            for out in self.setwise_head.out.values():
-                nn.init.zeros_(cast(nn.Linear, out).weight)
 
     def make_block(self, setwise: bool) -> nn.Module:
         """One transformer layer: of the historical stack, or of the set-wise stack."""

@@ -228,14 +228,10 @@ class FeatureFetcher:
         batch_wait_timeout_s: float,
     ) -> None:
         self.reader = FeatureReader(feature_repo, max_history, with_counters, timeout_s, attempts)
-        configure_batching(self._fetch_batch, max_batch_size, batch_wait_timeout_s)
-
-    async def fetch(self, request: FetchRequest) -> RequestFeatures:
-        features = await self._fetch_batch(request)
-        if isinstance(features, ServeError):
-            raise features  # this request's own mistake; the others in its batch are unaffected
-        return features
+        configure_batching(self.fetch, max_batch_size, batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def _fetch_batch(self, requests: list[FetchRequest]) -> list[RequestFeatures | ServeError]:
+    async def fetch(self, requests: list[FetchRequest]) -> list[RequestFeatures | ServeError]:
+        """Features per request; a request's own mistake (unknown items) comes back as its ServeError,
+        as a value, so it neither fails its batch mates nor logs a stack trace."""
         return await self.reader.read(requests)

@@ -233,7 +233,9 @@ class RankIngress:
         )
         # chained, not awaited: the features go from the fetcher to the scorer without passing through here
         features = self.fetcher.fetch.remote(fetch)
-        pointwise: PointwiseScores = await self.scorer.score.remote(features)
+        pointwise: PointwiseScores | ServeError = await self.scorer.score.remote(features)
+        if isinstance(pointwise, ServeError):
+            raise pointwise
         pointwise_done = time.perf_counter()
         correction: SetwiseCorrection | None = None
         if body.setwise and self.setwise is not None and len(pointwise.top_idx):
@@ -277,6 +279,8 @@ class RankIngress:
         empty = np.zeros(0, dtype=np.int64)
         now = _epoch_us(datetime.now(UTC))
         features = await self.fetcher.fetch.remote(FetchRequest(body.member_id, empty, [], now))
+        if isinstance(features, ServeError):
+            raise features
         fetched = time.perf_counter()
         events = zip(features.history["hist_item_id"], features.history["hist_actions"], strict=True)
         history = [HistoryItem(item_id=int(item), actions=int(actions)) for item, actions in events]

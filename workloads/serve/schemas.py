@@ -74,7 +74,7 @@ class RankRequest(BaseModel):
         first: dict[int, int] = {}
         for index, item in enumerate(candidates):
             if item in first:
-                raise ValueError(f"item {item} appears twice (indexes {first[item]} and {index})")
+                raise ValueError(f"[{index}]: item {item} appears twice (first at [{first[item]}])")
             first[item] = index
         return candidates
 

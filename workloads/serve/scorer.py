@@ -28,6 +28,7 @@ from workloads.models.base import RankingModel
 from workloads.models.batch import ItemContentTable, RankingBatch, SemanticIdTable, collate
 from workloads.models.ligr import GenerativeRanker
 from workloads.serve.batching import configure_batching
+from workloads.serve.errors import ServeError
 from workloads.serve.features import HISTORY_COLUMNS, RequestFeatures
 from workloads.serve.ranking import pointwise_order, task_weight_vector
 from workloads.train.artifact import LoadedArtifact, load_artifact
@@ -187,9 +188,12 @@ class PointwiseScorer:
         configure_batching(self.score, max_batch_size, batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
-    async def score(self, requests: list[RequestFeatures]) -> list[PointwiseScores]:
+    async def score(self, requests: list[RequestFeatures | ServeError]) -> list[PointwiseScores | ServeError]:
+        """Scores per request; a fetcher's error for a request passes through in its place."""
+        valid = [r for r in requests if isinstance(r, RequestFeatures)]
         # off the event loop, so the replica keeps collecting the next batch while this one runs
-        return await asyncio.to_thread(self.runner.score, requests)
+        scored = iter(await asyncio.to_thread(self.runner.score, valid) if valid else [])
+        return [r if isinstance(r, ServeError) else next(scored) for r in requests]
 
     def describe(self) -> dict[str, Any]:
         return self.info

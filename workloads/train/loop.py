@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import ray.train
 import torch
 import torch.distributed as dist
@@ -31,6 +30,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from workloads.data.schema import TASKS
+from workloads.eval.evaluate import read_catalog
 from workloads.eval.metrics import auc, hit_rate_at_k, ndcg_at_k, normalized_entropy, seen_items, target_ranks
 from workloads.models.base import NextItemModel
 from workloads.models.batch import (
@@ -203,11 +203,6 @@ class NextItemObjective(nn.Module):
         if self.training:
             return self.model.loss(batch, candidate_ids=self.catalog)  # (,) softmax over the whole catalog
         return self.model.user_embedding(batch) @ self.model.item_embedding(self.catalog).T  # (B, n_items)
-
-
-def read_catalog(examples_dir: Path) -> np.ndarray:
-    """Every item id of a MovieLens folder (``items.parquet``), sorted."""
-    return np.sort(pq.read_table(examples_dir / "items.parquet", columns=["item_id"]).column(0).to_numpy())
 
 
 class NextItemTask:

@@ -142,6 +142,7 @@ def test_a_stage_job_runs_through_job_submission_and_reports_its_summary(
     client = JobSubmissionClient(head.dashboard_url)
     details = client.get_job_info(preprocessed.job)
     assert details.entrypoint.startswith("python -m workloads.data.preprocess --config-json ")
+    assert details.driver_info is not None, "the stage joined this cluster instead of starting its own"
     assert details.runtime_env["env_vars"] == {
         "RANKRAY_MODEL": "tiny-feed",
         "RANKRAY_MODEL_VERSION": "v1",
@@ -245,7 +246,8 @@ def test_failure_messages_keep_the_headline_and_the_last_log_lines() -> None:
         + "Traceback (most recent call last):\n  File x\nValueError: column member_id is missing\n"
     )
     assert failure_message(message) == (
-        "Job entrypoint command failed with exit code 1: File x | ValueError: column member_id is missing"
+        "Job entrypoint command failed with exit code 1: "
+        "Traceback (most recent call last): | File x | ValueError: column member_id is missing"
     )
 
 

@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -383,3 +391,52 @@ def test_stage_command_with_one_partition_gives_the_same_examples(
 
 def _hashable(value: Any) -> Any:
     return tuple(value.tolist()) if isinstance(value, np.ndarray) else value
+
+
+@pytest.fixture
+def remote_cluster() -> Iterator[str]:
+    """A Ray head started as its own process (as a KubeRay head would be): its address, then stopped."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    temp_dir = tempfile.mkdtemp(prefix="rr-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2",
+         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}", "--block"],
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while head.poll() is None and time.monotonic() < deadline:
+            with socket.socket() as client:
+                if client.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(1)
+        else:
+            pytest.fail(f"the Ray head did not come up (exit status {head.poll()})")
+        yield f"127.0.0.1:{port}"
+    finally:
+        head.terminate()  # `ray start --block` stops the processes it started when it exits
+        head.wait(timeout=60)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_runs_unchanged_on_a_remote_cluster(tiny_world: Path, tmp_path: Path, remote_cluster: str) -> None:
+    cfg = {"world_dir": str(tiny_world), "out_dir": str(tmp_path / "remote"), "ray_address": remote_cluster}
+    # A separate driver process: this test process is already attached to the local test cluster.
+    done = subprocess.run(
+        [sys.executable, "-m", "workloads.data.preprocess", "--config-json", json.dumps(cfg)],
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["partitions"] == 4  # two per CPU of the remote cluster, not of this process's
+    manifest = json.loads((tmp_path / "remote" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["rows"] > 0
+    assert manifest["config"]["ray_address"] == remote_cluster

@@ -129,14 +129,9 @@ def test_pointwise_score_ignores_other_candidates_but_setwise_does_not() -> None
         other.cand_item_id[:, 1:] += 7
         other.cand_actor_id[:, 1:] += 3
         after = net(other)
-        # perturb the set-wise head so its correction is not the zero it starts as
-        for p in net.setwise_head.parameters():
-            p.add_(torch.randn_like(p) * 0.5)
-        assert before.setwise_logits is not None
-        setwise_before, setwise_after = net(batch).setwise_logits, net(other).setwise_logits
     torch.testing.assert_close(after.pointwise_logits[:, 0], before.pointwise_logits[:, 0])
-    assert setwise_before is not None and setwise_after is not None
-    assert not torch.allclose(setwise_after[:, 0], setwise_before[:, 0])
+    assert before.setwise_logits is not None and after.setwise_logits is not None
+    assert not torch.allclose(after.setwise_logits[:, 0], before.setwise_logits[:, 0])
 
 
 def test_single_pass_scoring_equals_scoring_each_candidate_alone() -> None:
@@ -163,8 +158,6 @@ def _pick(column: np.ndarray, j: int) -> np.ndarray:
 def test_split_scoring_setwise_on_the_chosen_candidates_only() -> None:
     batch = random_batch(seed=5, n_rows=2, cand_len=(6, 6))
     net = model()
-    for p in net.setwise_head.parameters():
-        torch.nn.init.normal_(p, std=0.3)
     with torch.no_grad():
         out = net(batch)
         states = net.encode(batch)
@@ -186,8 +179,9 @@ def test_split_scoring_setwise_on_the_chosen_candidates_only() -> None:
 def test_setwise_order_matters_only_through_the_slot_bias(slot_bias: bool) -> None:
     batch = random_batch(seed=5, n_rows=2, cand_len=(6, 6))
     net = model(setwise_slot_bias=slot_bias)
-    for p in [*net.setwise_head.parameters(), *net.setwise_blocks.parameters()]:
-        torch.nn.init.normal_(p, std=0.3)
+    for block in net.setwise_blocks:  # a trained bias, not the zeros it starts as
+        for p in block.parameters():
+            torch.nn.init.normal_(p, std=0.3)
     top = torch.tensor([[4, 0, 2], [1, 5, 3]])
     with torch.no_grad():
         chosen = net.score_setwise(batch, top)
@@ -312,9 +306,10 @@ def test_setwise_learns_what_only_the_slate_order_reveals() -> None:
     """A post right below one of the same actor is skipped: pointwise is at chance, set-wise is not."""
     rng = np.random.default_rng(14)
     torch.manual_seed(0)
-    net = LiGRForRanking(tiny(d_model=32, use_features=frozenset({"actor_id"}), lr_dense=0.003))
+    cfg = tiny(d_model=32, n_layers=1, use_features=frozenset({"actor_id"}), lr_dense=0.005)
+    net = LiGRForRanking(cfg)
     optimizer = torch.optim.AdamW(net.param_groups())
-    for _ in range(150):
+    for _ in range(120):
         out = net(planted_slate_batch(rng, 64))
         assert out.loss is not None
         optimizer.zero_grad()

@@ -72,9 +72,9 @@ def test_training_lowers_the_loss_and_publishes_a_loadable_artifact(
     assert artifact.feature_spec["max_history"] == 16
 
     # the published weights are the last checkpoint's, and score eval rows exactly like it
-    last = max(Path(summary["run"]).glob("checkpoint_*"), key=lambda p: p.stat().st_mtime)
+    last = max(Path(summary["run"]).glob(f"*/{CHECKPOINT_FILE}"), key=lambda p: p.stat().st_mtime)
     reference = build_any_model(cfg.model).eval()
-    reference.load_state_dict(torch.load(last / CHECKPOINT_FILE, weights_only=True)["model"])
+    reference.load_state_dict(torch.load(last, weights_only=True)["model"])
     rows = pq.read_table(tiny_examples / "eval").slice(0, 8).to_pandas()
     batch = collate(
         {c: rows[c].to_numpy() for c in rows.columns},

@@ -1,0 +1,141 @@
+"""The feature fetcher's reads against a real materialized SQLite online store (no Ray needed).
+
+Outages are real too: the store's table is renamed away (a failing store) or the database file is held
+under an exclusive lock by another connection (a store that hangs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.workloads.serve.conftest import HISTORY_LEN, ServeWorld
+from tests.workloads.serve.offline import member_history
+from workloads.data.features import age_buckets
+from workloads.data.schema import CONTENT_DIM
+from workloads.serve.errors import ServeError
+from workloads.serve.features import FeatureReader, FetchRequest, RequestFeatures
+from workloads.serve.schemas import InlineItem
+
+UNKNOWN_MEMBER = 10**9
+UNKNOWN_ITEM = 10**6
+
+
+def reader(world: ServeWorld, timeout_s: float = 2.0, attempts: int = 2) -> FeatureReader:
+    return FeatureReader(world.repo, HISTORY_LEN, with_counters=False, timeout_s=timeout_s, attempts=attempts)
+
+
+def request(world: ServeWorld, member: int, candidates: list[int], inline: list[InlineItem] | None = None):
+    as_of = int(pd.Timestamp(world.end).value // 1000)
+    return FetchRequest(member, np.asarray(candidates, dtype=np.int64), inline or [], as_of)
+
+
+def online_db(world: ServeWorld) -> Path:
+    return world.root / "data" / "feast" / "online.db"
+
+
+def members_with_history(world: ServeWorld) -> pd.DataFrame:
+    return pd.read_parquet(world.world / "features" / "member_history.parquet")
+
+
+def test_a_batch_reads_history_items_and_content_for_each_request(serve_world: ServeWorld) -> None:
+    histories = members_with_history(serve_world)
+    member = int(histories.loc[histories["history_len"].idxmax(), "member_id"])
+    items = pd.read_parquet(serve_world.world / "items.parquet").set_index("item_id")
+    candidates = [5, 17, 3, 400]
+    got = asyncio.run(reader(serve_world).read([request(serve_world, member, candidates)]))[0]
+    assert isinstance(got, RequestFeatures) and got.member_known
+    expected = member_history(serve_world.world, member, HISTORY_LEN)
+    for name, values in expected.items():
+        np.testing.assert_array_equal(got.history[name], values)
+    np.testing.assert_array_equal(got.candidates["cand_item_id"], candidates)
+    np.testing.assert_array_equal(got.candidates["cand_actor_id"], items.loc[candidates, "actor_id"])
+    np.testing.assert_array_equal(got.candidates["cand_post_type"], items.loc[candidates, "post_type"])
+    created = items.loc[candidates, "created_at"].astype("int64").to_numpy() // 1000  # ns -> us
+    as_of = int(pd.Timestamp(serve_world.end).value // 1000)
+    np.testing.assert_array_equal(got.candidates["cand_age_bucket"], age_buckets(as_of - created))
+    np.testing.assert_array_equal(got.cand_content, np.stack(items.loc[candidates, "content_emb"]))
+    np.testing.assert_array_equal(
+        got.hist_content, np.stack(items.loc[expected["hist_item_id"], "content_emb"]).reshape(-1, CONTENT_DIM)
+    )
+
+
+def test_cold_start_members_get_an_empty_history(serve_world: ServeWorld) -> None:
+    with_history = set(members_with_history(serve_world)["member_id"])
+    profiles = pd.read_parquet(serve_world.world / "members.parquet")
+    new_member = int(next(m for m in profiles["member_id"] if m not in with_history))
+    got = asyncio.run(
+        reader(serve_world).read([request(serve_world, new_member, [1]), request(serve_world, UNKNOWN_MEMBER, [1])])
+    )
+    assert all(isinstance(g, RequestFeatures) and g.history_len == 0 for g in got)
+    assert [g.member_known for g in got] == [True, False]  # type: ignore[union-attr]
+
+
+def test_unknown_items_fail_only_their_own_request_and_inline_features_fill_in(serve_world: ServeWorld) -> None:
+    inline = InlineItem(
+        item_id=UNKNOWN_ITEM,
+        actor_id=7,
+        post_type=2,
+        topic=1,
+        created_at=serve_world.end - pd.Timedelta(hours=5),
+        content_emb=[0.25] * CONTENT_DIM,
+    )
+    bad = request(serve_world, 1, [1, UNKNOWN_ITEM, UNKNOWN_ITEM + 1])
+    good = request(serve_world, 1, [1, UNKNOWN_ITEM], [inline])
+    failed, served = asyncio.run(reader(serve_world).read([bad, good]))
+    assert isinstance(failed, ServeError) and failed.status == 422
+    assert failed.fields[0][0] == "candidates" and f"{UNKNOWN_ITEM}, {UNKNOWN_ITEM + 1}" in failed.message
+    assert isinstance(served, RequestFeatures)
+    assert served.candidates["cand_actor_id"][1] == 7 and served.candidates["cand_post_type"][1] == 2
+    assert served.candidates["cand_age_bucket"][1] == age_buckets(np.array([5 * 3_600_000_000]))[0]
+    np.testing.assert_array_equal(served.cand_content[1], [0.25] * CONTENT_DIM)
+
+
+@contextmanager
+def table_renamed(db: Path, table: str) -> Iterator[None]:
+    with sqlite3.connect(db) as connection:
+        connection.execute(f"ALTER TABLE {table} RENAME TO {table}_away")
+    try:
+        yield
+    finally:
+        with sqlite3.connect(db) as connection:
+            connection.execute(f"ALTER TABLE {table}_away RENAME TO {table}")
+
+
+@contextmanager
+def exclusively_locked(db: Path) -> Iterator[None]:
+    connection = sqlite3.connect(db, isolation_level=None)
+    connection.execute("BEGIN EXCLUSIVE")
+    try:
+        yield
+    finally:
+        connection.execute("ROLLBACK")
+        connection.close()
+
+
+def test_a_failing_store_is_a_503_with_its_reason(serve_world: ServeWorld) -> None:
+    features = reader(serve_world)
+    with table_renamed(online_db(serve_world), "rankray_item_features"):
+        with pytest.raises(ServeError) as caught:
+            asyncio.run(features.read([request(serve_world, 1, [1])]))
+    assert caught.value.status == 503 and "no such table" in caught.value.message
+    assert isinstance(asyncio.run(features.read([request(serve_world, 1, [1])]))[0], RequestFeatures)  # recovers
+
+
+def test_a_hanging_store_is_a_503_within_the_retry_bound(serve_world: ServeWorld) -> None:
+    features = reader(serve_world, timeout_s=0.3, attempts=2)
+    with exclusively_locked(online_db(serve_world)):
+        began = time.perf_counter()
+        with pytest.raises(ServeError) as caught:
+            asyncio.run(features.read([request(serve_world, 1, [1])]))
+        waited = time.perf_counter() - began
+    assert caught.value.status == 503 and "no answer within 0.3s" in caught.value.message
+    assert waited < 2 * (0.3 + 0.5) + 1.0  # attempts x (timeout + backoff), plus slack: not sqlite's 5 s wait
