@@ -35,7 +35,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
-from ray.data.expressions import col
 
 from workloads.data.preprocess import (
     EVENT_COLUMNS,
@@ -213,12 +212,8 @@ def main(argv: list[str] | None = None) -> None:
         assert_same_examples(ray_pipeline(), pandas_reference(path, window, list(cfg.surfaces)))
 
         sample = np.random.default_rng(0).choice(args.members, args.map_groups_members, replace=False)
-        subsample = (
-            ray.data.read_parquet(str(path), columns=EVENT_COLUMNS)
-            .filter(expr=col("member_id").is_in(sample.tolist()))
-            .filter(expr=col("surface").is_in(list(cfg.surfaces)))
-            .materialize()
-        )
+        in_sample = pc.field("member_id").isin(sample.tolist()) & pc.field("surface").isin(cfg.surfaces)
+        subsample = ray.data.from_arrow(pq.read_table(path, columns=EVENT_COLUMNS, filters=in_sample))
         sample_events = subsample.count()
         map_groups_s, _ = timed(
             lambda: (

@@ -29,7 +29,7 @@ import httpx
 from tenacity import RetryError, retry, retry_if_result, stop_after_delay, wait_fixed
 
 START_TIMEOUT_SECONDS = 180.0  # a loaded 2-core machine takes 20-60 s to bring up the head and its agents
-STOP_TIMEOUT_SECONDS = 30.0
+STOP_TIMEOUT_SECONDS = 10.0  # then SIGKILL: an ephemeral head has nothing to save
 START_ATTEMPTS = 3
 
 

@@ -54,16 +54,35 @@ class DeploymentOptions(BaseModel):
         return self
 
 
-# The scorer holds the CPU; the ingress and fetcher mostly wait on I/O; the set-wise pass is tiny. The
-# sum without the LLM (1.75 CPUs) fits a 2-core laptop. max_ongoing_requests must be at least the batch
-# size, or @serve.batch never sees a full batch.
-DEFAULT_DEPLOYMENTS: dict[str, DeploymentOptions] = {
-    "RankIngress": DeploymentOptions(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.25}),
-    "FeatureFetcher": DeploymentOptions(ray_actor_options={"num_cpus": 0.25}),
-    "PointwiseScorer": DeploymentOptions(ray_actor_options={"num_cpus": 1}),
-    "SetwiseReranker": DeploymentOptions(ray_actor_options={"num_cpus": 0.25}),
-    "BrewScorer": DeploymentOptions(max_ongoing_requests=16, ray_actor_options={"num_cpus": 1}),
-}
+def default_options(deployment: str) -> DeploymentOptions:
+    """A deployment's options as its ``@serve.deployment`` decorator sets them (the one place they live).
+
+    The decorators carry them so that a config which lists only some deployments (the operator's lists
+    just the scorer) still gets sensible values for the rest: the scorer holds a CPU, the ingress and the
+    fetcher mostly wait on I/O, the set-wise pass is tiny (1.75 CPUs in all without the LLM, which fits a
+    2-core laptop), and max_ongoing_requests is above the batch sizes so @serve.batch can fill.
+    """
+    from workloads.serve.features import FeatureFetcher
+    from workloads.serve.ingress import RankIngress
+    from workloads.serve.scorer import PointwiseScorer
+    from workloads.serve.setwise import SetwiseReranker
+
+    known: dict[str, Any] = {
+        "RankIngress": RankIngress,
+        "FeatureFetcher": FeatureFetcher,
+        "PointwiseScorer": PointwiseScorer,
+        "SetwiseReranker": SetwiseReranker,
+    }
+    if deployment == "BrewScorer":
+        from workloads.serve.graph import brew_deployment
+
+        known[deployment] = brew_deployment()
+    d = known[deployment]
+    return DeploymentOptions(
+        num_replicas=d.num_replicas,
+        max_ongoing_requests=d.max_ongoing_requests,
+        ray_actor_options=d.ray_actor_options,
+    )
 
 
 def serve_config(
@@ -89,8 +108,8 @@ def serve_config(
         raise ValueError(f"deployments: {unknown} are not in this graph; it has {names}")
     listed = []
     for deployment in names:
-        options = overrides.get(deployment, DEFAULT_DEPLOYMENTS[deployment])
-        options = DeploymentOptions.model_validate(options)
+        given = overrides.get(deployment)
+        options = default_options(deployment) if given is None else DeploymentOptions.model_validate(given)
         listed.append({"name": deployment, **options.model_dump(exclude_none=True)})
     http_options: dict[str, Any] = {"host": http_host, "port": http_port}
     if request_timeout_s is not None:

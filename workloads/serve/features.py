@@ -213,7 +213,7 @@ class FeatureReader:
             start += n
 
 
-@serve.deployment
+@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.25})
 class FeatureFetcher:
     """Reads the features of the requests that arrive together in one batch of online reads."""
 

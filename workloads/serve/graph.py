@@ -121,6 +121,13 @@ def _deployment(cls: object) -> Deployment:
     return cast(Deployment, cls)
 
 
+def brew_deployment() -> Deployment:
+    """The 360Brew deployment, imported only when enabled (it pulls in transformers and vLLM)."""
+    from workloads.brew.serve import BrewScorer
+
+    return _deployment(BrewScorer)
+
+
 def ranking_model_config(artifact_uri: str) -> Any:
     """The model config a ranking artifact was trained with (its config.json), checked before deploying."""
     path = Path(artifact_uri) / "config.json"
@@ -171,7 +178,5 @@ def build_app(args: GraphArgs) -> Application:
         args.batch_wait_timeout_s,
     )
     if args.llm_enabled:
-        from workloads.brew.serve import BrewScorer  # transformers and vLLM: imported only when enabled
-
-        brew = _deployment(BrewScorer).bind(args.brew_artifact_uri, args.world_dir, args.llm_scorer)
+        brew = brew_deployment().bind(args.brew_artifact_uri, args.world_dir, args.llm_scorer)
     return _deployment(RankIngress).bind(args, fetcher, scorer, setwise, brew)

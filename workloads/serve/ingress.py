@@ -156,7 +156,7 @@ def ranked_items(
     ]
 
 
-@serve.deployment
+@serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(app)
 class RankIngress:
     """Routes and composition; the deployments it is bound to do the reading and the scoring.

@@ -171,7 +171,7 @@ class PointwiseModel:
         return out
 
 
-@serve.deployment
+@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
 class PointwiseScorer:
     """Scores the candidates of the requests that arrive together in one forward pass."""
 

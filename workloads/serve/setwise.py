@@ -61,7 +61,7 @@ class SetwiseModel:
         ]
 
 
-@serve.deployment
+@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.25})
 class SetwiseReranker:
     """Scores each request's pointwise top k as one set and returns the correction to add."""
 

@@ -21,10 +21,17 @@ import torch
 from workloads.data.features import age_buckets
 from workloads.data.schema import COUNTER_FEATURES
 from workloads.models.batch import ItemContentTable, collate
-from workloads.serve.ranking import split_rerank, pointwise_order, task_weight_vector
+from workloads.serve.ranking import pointwise_order, split_rerank, task_weight_vector
 from workloads.train.artifact import load_artifact
 
-HISTORY = ["hist_item_id", "hist_actor_id", "hist_post_type", "hist_age_bucket", "hist_session_id", "hist_actions"]
+HISTORY = [
+    "hist_item_id",
+    "hist_actor_id",
+    "hist_post_type",
+    "hist_age_bucket",
+    "hist_session_id",
+    "hist_actions",
+]
 
 
 @dataclass
@@ -93,7 +100,9 @@ def expected_scores(
         return rows
 
     with torch.inference_mode():
-        one_each = collate(rows_for([[i] for i in range(len(candidates))]), content, max_history=cfg.max_history)
+        one_each = collate(
+            rows_for([[i] for i in range(len(candidates))]), content, max_history=cfg.max_history
+        )
         pointwise = model.score_pointwise(one_each)[:, 0].numpy()  # (S, T)
         weights = task_weight_vector(task_weights)
         order = pointwise_order(pointwise, weights)
@@ -103,4 +112,6 @@ def expected_scores(
             top_batch = collate(rows_for([top.tolist()]), content, max_history=cfg.max_history)
             correction = model.score_setwise(top_batch, torch.arange(len(top))[None])[0].numpy()
     ranking = split_rerank(pointwise, order, weights, top if correction is not None else None, correction)
-    return Expected(pointwise, ranking.final_logits, ranking.order, ranking.setwise, len(history["hist_item_id"]))
+    return Expected(
+        pointwise, ranking.final_logits, ranking.order, ranking.setwise, len(history["hist_item_id"])
+    )

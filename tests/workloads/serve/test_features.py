@@ -59,12 +59,13 @@ def test_a_batch_reads_history_items_and_content_for_each_request(serve_world: S
     np.testing.assert_array_equal(got.candidates["cand_item_id"], candidates)
     np.testing.assert_array_equal(got.candidates["cand_actor_id"], items.loc[candidates, "actor_id"])
     np.testing.assert_array_equal(got.candidates["cand_post_type"], items.loc[candidates, "post_type"])
-    created = items.loc[candidates, "created_at"].astype("int64").to_numpy() // 1000  # ns -> us
+    created = items.loc[candidates, "created_at"].dt.as_unit("us").astype("int64").to_numpy()
     as_of = int(pd.Timestamp(serve_world.end).value // 1000)
     np.testing.assert_array_equal(got.candidates["cand_age_bucket"], age_buckets(as_of - created))
     np.testing.assert_array_equal(got.cand_content, np.stack(items.loc[candidates, "content_emb"]))
     np.testing.assert_array_equal(
-        got.hist_content, np.stack(items.loc[expected["hist_item_id"], "content_emb"]).reshape(-1, CONTENT_DIM)
+        got.hist_content,
+        np.stack(items.loc[expected["hist_item_id"], "content_emb"]).reshape(-1, CONTENT_DIM),
     )
 
 
@@ -73,13 +74,17 @@ def test_cold_start_members_get_an_empty_history(serve_world: ServeWorld) -> Non
     profiles = pd.read_parquet(serve_world.world / "members.parquet")
     new_member = int(next(m for m in profiles["member_id"] if m not in with_history))
     got = asyncio.run(
-        reader(serve_world).read([request(serve_world, new_member, [1]), request(serve_world, UNKNOWN_MEMBER, [1])])
+        reader(serve_world).read(
+            [request(serve_world, new_member, [1]), request(serve_world, UNKNOWN_MEMBER, [1])]
+        )
     )
     assert all(isinstance(g, RequestFeatures) and g.history_len == 0 for g in got)
     assert [g.member_known for g in got] == [True, False]  # type: ignore[union-attr]
 
 
-def test_unknown_items_fail_only_their_own_request_and_inline_features_fill_in(serve_world: ServeWorld) -> None:
+def test_unknown_items_fail_only_their_own_request_and_inline_features_fill_in(
+    serve_world: ServeWorld,
+) -> None:
     inline = InlineItem(
         item_id=UNKNOWN_ITEM,
         actor_id=7,
@@ -123,11 +128,12 @@ def exclusively_locked(db: Path) -> Iterator[None]:
 
 def test_a_failing_store_is_a_503_with_its_reason(serve_world: ServeWorld) -> None:
     features = reader(serve_world)
-    with table_renamed(online_db(serve_world), "rankray_item_features"):
-        with pytest.raises(ServeError) as caught:
-            asyncio.run(features.read([request(serve_world, 1, [1])]))
+    with table_renamed(online_db(serve_world), "rankray_item_features"), pytest.raises(ServeError) as caught:
+        asyncio.run(features.read([request(serve_world, 1, [1])]))
     assert caught.value.status == 503 and "no such table" in caught.value.message
-    assert isinstance(asyncio.run(features.read([request(serve_world, 1, [1])]))[0], RequestFeatures)  # recovers
+    assert isinstance(
+        asyncio.run(features.read([request(serve_world, 1, [1])]))[0], RequestFeatures
+    )  # recovers
 
 
 def test_a_hanging_store_is_a_503_within_the_retry_bound(serve_world: ServeWorld) -> None:

@@ -46,7 +46,11 @@ def test_a_minimal_request_gets_the_documented_defaults() -> None:
         ({"member_id": 1, "surface": "feed", "candidates": [1, 2.5]}, "candidates[1]", "integer"),
         ({"member_id": 1, "surface": "feed", "candidates": [1], "k": 0}, "k", "greater than or equal"),
         ({"member_id": 1, "surface": "feed", "candidates": [1], "model": "gpt"}, "model", "'ligr' or 'brew'"),
-        ({"member_id": 1, "surface": "feed", "candidates": [1], "as_of": "2024-03-01T00:00:00"}, "as_of", "timezone"),
+        (
+            {"member_id": 1, "surface": "feed", "candidates": [1], "as_of": "2024-03-01T00:00:00"},
+            "as_of",
+            "timezone",
+        ),
         ({"member_id": 1, "surface": "feed", "candidates": [1], "extra": 1}, "extra", "not permitted"),
         (
             {"member_id": 1, "surface": "feed", "candidates": [1], "item_features": [INLINE]},
@@ -79,7 +83,12 @@ def test_a_minimal_request_gets_the_documented_defaults() -> None:
             "finite",
         ),
         (
-            {"member_id": 1, "surface": "feed", "candidates": [9001], "item_features": [{**INLINE, "post_type": 9}]},
+            {
+                "member_id": 1,
+                "surface": "feed",
+                "candidates": [9001],
+                "item_features": [{**INLINE, "post_type": 9}],
+            },
             "item_features[0].post_type",
             "less than or equal",
         ),
@@ -91,5 +100,10 @@ def test_each_mistake_names_its_field(body: dict[str, Any], field: str, says: st
 
 
 def test_json_syntax_errors_are_reported_on_the_body() -> None:
-    error = {"type": "json_invalid", "loc": ("body", 12), "msg": "JSON decode error", "ctx": {"error": "Expecting value"}}
+    error = {
+        "type": "json_invalid",
+        "loc": ("body", 12),
+        "msg": "JSON decode error",
+        "ctx": {"error": "Expecting value"},
+    }
     assert field_problems([error]) == [("body", "not valid JSON at character 12: Expecting value")]

@@ -1,0 +1,40 @@
+"""Evaluation stage end to end on the trained tiny artifact: every section of the report, and the plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from workloads.brew.evaluate import BrewEvalConfig, evaluate
+from workloads.brew.score import ScorerConfig
+
+
+@pytest.mark.slow
+def test_evaluate_reports_tasks_slices_context_sweep_and_zero_shot(
+    lora_training: Any, tiny_world: Path, tmp_path: Path
+) -> None:
+    cfg = BrewEvalConfig(
+        artifact_dir=Path(lora_training[1]["artifact"]),
+        world_dir=tiny_world,
+        out_dir=tmp_path / "eval",
+        examples_per_task=24,
+        context_sweep=[256, 512],
+        sweep_examples_per_task=12,
+        scorer=ScorerConfig(backend="transformers"),
+    )
+    evaluate(cfg)
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert set(metrics["tasks"]) == {"job_apply", "feed_like", "follow_actor"}  # the artifact's T1 + every T2
+    assert metrics["tasks"]["follow_actor"]["zero_shot"] and not metrics["tasks"]["feed_like"]["zero_shot"]
+    for task in metrics["tasks"].values():
+        assert task["n"] == 24 and 0 < task["positives"] < 24
+        assert 0.0 <= task["brew_auc"] <= 1.0 and 0.0 <= task["popularity_auc"] <= 1.0
+        assert sum(s["n"] for s in task["by_history"].values()) <= task["n"]
+    sweep = metrics["context_sweep"]["feed_like"]
+    assert set(sweep) == {"256", "512"}
+    assert sweep["256"]["mean_history_in_prompt"] <= sweep["512"]["mean_history_in_prompt"]
+    assert (tmp_path / "eval" / "auc_vs_context.png").stat().st_size > 0
+    assert (tmp_path / "eval" / "gap_by_history.png").stat().st_size > 0

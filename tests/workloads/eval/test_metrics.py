@@ -1,0 +1,71 @@
+"""The offline metrics against values worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from workloads.eval.metrics import (
+    auc,
+    history_slice,
+    hit_rate_at_k,
+    log_loss,
+    ndcg_at_k,
+    normalized_entropy,
+    seen_items,
+    target_ranks,
+)
+
+
+def test_auc_counts_correctly_ordered_pairs() -> None:
+    # positives 0.35, 0.8 vs negatives 0.1, 0.4: 3 of the 4 pairs are ordered right
+    assert auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.75)
+    assert auc([0, 1], [0.9, 0.1]) == pytest.approx(0.0)
+    assert math.isnan(auc([1, 1, 1], [0.2, 0.5, 0.9]))  # one class: undefined, not 0.5
+
+
+def test_normalized_entropy_is_one_for_the_base_rate() -> None:
+    labels = [1, 0, 0, 0]
+    assert normalized_entropy(labels, [0.25] * 4) == pytest.approx(1.0)
+    # log loss of a coin flip, ln 2, over the base-rate entropy -(.25 ln .25 + .75 ln .75)
+    base = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert normalized_entropy(labels, [0.5] * 4) == pytest.approx(math.log(2) / base)
+    assert normalized_entropy(labels, [0.9, 0.1, 0.1, 0.1]) < 1.0  # better than the base rate
+    assert math.isnan(normalized_entropy([0, 0], [0.1, 0.2]))
+
+
+def test_log_loss_survives_confident_misses() -> None:
+    assert math.isfinite(log_loss([1, 0], [0.0, 1.0]))
+    assert log_loss([1], [0.5]) == pytest.approx(math.log(2))
+
+
+def test_hit_rate_and_ndcg() -> None:
+    ranks = [0, 3, 12]
+    assert hit_rate_at_k(ranks, 10) == pytest.approx(2 / 3)
+    assert hit_rate_at_k(ranks, 1) == pytest.approx(1 / 3)
+    assert ndcg_at_k(ranks, 10) == pytest.approx((1.0 + 1.0 / math.log2(5)) / 3)
+    assert ndcg_at_k([0], 10) == 1.0
+
+
+def test_target_ranks_full_ranking_with_exclusions_and_ties() -> None:
+    scores = np.array([[0.1, 0.9, 0.5, 0.7]])
+    assert target_ranks(scores, np.array([2])).tolist() == [2]  # 0.9 and 0.7 beat 0.5
+    exclude = np.array([[False, True, False, False]])  # item 1 was already seen
+    assert target_ranks(scores, np.array([2]), exclude).tolist() == [1]
+    assert target_ranks(np.array([[0.5, 0.5]]), np.array([0])).tolist() == [1]  # a tie counts against
+
+
+def test_seen_items_per_row() -> None:
+    catalog = np.array([3, 5, 9])
+    item_ids = np.array([[5, 7, 0], [9, 3, 3]])
+    mask = np.array([[True, True, False], [True, True, False]])
+    assert seen_items(catalog, item_ids, mask).tolist() == [[False, True, False], [True, False, True]]
+
+
+@pytest.mark.parametrize(
+    ("length", "name"), [(0, "0"), (1, "1-4"), (4, "1-4"), (5, "5-16"), (256, "65-256"), (900, "257+")]
+)
+def test_history_slices(length: int, name: str) -> None:
+    assert history_slice(length) == name
