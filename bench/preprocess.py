@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cpus = os.cpu_count() or 1
     partitions = args.partitions or 2 * cpus
+    load_before = os.getloadavg()[0]  # other work on the machine skews every figure: record it
 
     with tempfile.TemporaryDirectory(prefix="bench-preprocess-") as tmp:
         world = Path(tmp) / "world"
@@ -236,6 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         "median_seconds": {k: round(v, 3) for k, v in median.items()},
         "events_per_second": {k: round(v) for k, v in rate.items()},
         "ray_over_pandas": round(rate["ray_data"] / rate["pandas_reference"], 3),
+        "ray_over_core_one_process": round(rate["ray_data"] / rate["core_one_process"], 3),
         "map_groups_sample": {
             "members": args.map_groups_members,
             "events": sample_events,
@@ -243,12 +245,15 @@ def main(argv: list[str] | None = None) -> None:
             "events_per_second": round(sample_events / map_groups_s),
         },
         "outputs_equal": True,
+        "load_average_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)],
     }
     for name in paths:
         print(f"{name:>17}: {rate[name]:>12,.0f} events/s  (median {median[name]:.2f}s of {seconds[name]})")
     sample_rate = sample_events / map_groups_s
     print(f"{'map_groups':>17}: {sample_rate:>12,.0f} events/s  (sample of {sample_events:,} events)")
     print(f"Ray Data / pandas reference: {result['ray_over_pandas']:.2f}x (target >= 0.5x)")
+    print(f"Ray Data / the same core in one process: {result['ray_over_core_one_process']:.2f}x")
+    print(f"load average (1 min) before and after: {result['load_average_1min']} on {cpus} CPUs")
     print(json.dumps(result))
 
 

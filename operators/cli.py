@@ -231,7 +231,7 @@ def run(
     ] = None,
     num_cpus: Annotated[int, typer.Option(min=1, help="Logical CPUs of the Ray head.")] = 4,
     serve_port: Annotated[
-        int, typer.Option(min=1, max=65535, help="HTTP port of the endpoint (a free one if taken).")
+        int, typer.Option(min=0, max=65535, help="HTTP port of the endpoint (0 or taken: a free one).")
     ] = 8000,
     sample: Annotated[bool, typer.Option(help="Send sample ranking requests once it serves.")] = True,
 ) -> None:

@@ -344,13 +344,15 @@ def stage_lines(jobs: Mapping[str, JobRecord], version: str) -> list[str]:
 
 
 def _serve_port(dashboard: str, wanted: int) -> int:
-    """The port Serve already listens on in this cluster, else `wanted` if it is free, else a free one."""
+    """The port Serve already listens on in this cluster, else `wanted` if free (0: any), else a free one."""
     try:
         details = httpx.get(dashboard + "/api/serve/applications/", timeout=10).json()
     except (httpx.HTTPError, ValueError):
         details = {}
     if details.get("applications"):
         return int((details.get("http_options") or {}).get("port", wanted))
+    if wanted == 0:
+        return free_port()
     with socket.socket() as sock:
         try:
             sock.bind(("127.0.0.1", wanted))

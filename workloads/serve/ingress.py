@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "the body could not be read as text (e.g. not UTF-8)"},
     422: {"model": ErrorBody, "description": "a field of the request is invalid; `fields` names it"},
     503: {"model": ErrorBody, "description": "the feature store failed or timed out (after bounded retries)"},
 }

@@ -143,7 +143,7 @@ def test_a_stage_job_runs_through_job_submission_and_reports_its_summary(
     details = client.get_job_info(preprocessed.job)
     assert details.entrypoint.startswith("python -m workloads.data.preprocess --config-json ")
     assert details.driver_info is not None, "the stage joined this cluster instead of starting its own"
-    assert details.runtime_env["env_vars"] == {
+    assert (details.runtime_env or {}).get("env_vars") == {
         "RANKRAY_MODEL": "tiny-feed",
         "RANKRAY_MODEL_VERSION": "v1",
         "RANKRAY_STAGE": "preprocess",

@@ -14,7 +14,15 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from workloads.eval.evaluate import EvalConfig, Gate, apply_gate, retrieval_ranks, run
+from workloads.eval.evaluate import (
+    EvalConfig,
+    Gate,
+    apply_gate,
+    read_examples,
+    retrieval_ranks,
+    run,
+    score_examples,
+)
 from workloads.eval.metrics import auc
 from workloads.models.batch import collate_sequences
 from workloads.models.config import DCNv2Config, LiGRConfig, SASRecConfig
@@ -90,7 +98,7 @@ def test_evaluation_scores_every_eval_candidate_and_gates(
     n_candidates = sum(len(c) for c in examples.column("cand_item_id").to_pylist())
     ligr_result = report["models"]["ligr/v1"]
     assert ligr_result["overall"]["candidates"] == n_candidates
-    assert ligr_result["overall"]["sessions"] == examples.num_rows
+    assert ligr_result["overall"]["sessions"] == len(examples)
     assert sum(s["candidates"] for s in ligr_result["slices"].values()) == n_candidates
     assert ligr_result["n_features"] <= 7 < report["models"]["dcn/v1"]["n_features"]
     assert report["gate"]["candidate"] == "ligr/v1" and report["baseline"] == "dcn/v1"
@@ -100,7 +108,6 @@ def test_evaluation_scores_every_eval_candidate_and_gates(
 
     # the reported AUC is the AUC of the model's own scores on those candidates
     artifact = load_artifact(ligr)
-    from workloads.eval.evaluate import read_examples, score_examples
 
     scored = score_examples(artifact, read_examples(tiny_examples, "eval", ["feed"]))
     assert ligr_result["overall"]["long_dwell_auc"] == pytest.approx(

@@ -1,0 +1,201 @@
+"""LiGR training throughput vs its HSTU-layer variant at equal size, and single-pass vs per-candidate scoring.
+
+1. Training throughput: forward + backward + AdamW step on random requests (history events and
+   candidates), in events per second (real history events plus candidates). The HSTU variant gets
+   as many layers as it takes to match LiGR's dense parameter count (an HSTU layer has about 5 d^2
+   weights, a gated LiGR block about 14 d^2), so the two are compared at equal size.
+2. Single-pass scoring (LiGR section 4.0.2): one request's history is encoded once and all its
+   candidates are scored together, versus scoring each candidate as its own request (the history
+   encoded once per candidate; those requests still run batched, in chunks). Pointwise scores only,
+   so both paths compute the same numbers; the ratio is per-candidate time / single-pass time.
+
+Usage: ``python -m bench.train [--history 128] [--candidates 10 100 500] [--steps 20] [--batch 32]``.
+CPU only here; on a GPU the same code uses FlexAttention (``attn_impl=auto``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from workloads.data.schema import CONTENT_DIM, COUNTER_FEATURES, N_AGE_BUCKETS, TASKS, Action, PostType
+from workloads.models.base import RankingModel
+from workloads.models.batch import RankingBatch
+from workloads.models.config import HSTUConfig, LiGRConfig
+from workloads.models.registry import build_model
+
+
+def random_requests(batch: int, history: int, candidates: int, seed: int = 0) -> RankingBatch:
+    """Full-length random requests: ``history`` events in sessions of 10, ``candidates`` candidates."""
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(high: int, *shape: int) -> torch.Tensor:
+        return torch.randint(0, high, shape, generator=g)
+
+    return RankingBatch(
+        hist_item_id=ids(10**6, batch, history),
+        hist_actor_id=ids(10**4, batch, history),
+        hist_post_type=ids(len(PostType), batch, history),
+        hist_age_bucket=ids(N_AGE_BUCKETS, batch, history),
+        hist_content=torch.randn(batch, history, CONTENT_DIM, generator=g),
+        hist_actions=(torch.rand(batch, history, len(Action), generator=g) < 0.1).float(),
+        hist_session=(torch.arange(history) // 10).expand(batch, history).clone(),
+        hist_mask=torch.ones(batch, history, dtype=torch.bool),
+        cand_item_id=ids(10**6, batch, candidates),
+        cand_actor_id=ids(10**4, batch, candidates),
+        cand_post_type=ids(len(PostType), batch, candidates),
+        cand_age_bucket=ids(N_AGE_BUCKETS, batch, candidates),
+        cand_content=torch.randn(batch, candidates, CONTENT_DIM, generator=g),
+        cand_mask=torch.ones(batch, candidates, dtype=torch.bool),
+        cand_position=torch.arange(candidates).expand(batch, candidates).clone(),
+        cand_counters=torch.rand(batch, candidates, len(COUNTER_FEATURES), generator=g),
+        labels=(torch.rand(batch, candidates, len(TASKS), generator=g) < 0.1).float(),
+    )
+
+
+def dense_params(model: nn.Module) -> int:
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    return sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
+
+
+def equal_size_hstu(ligr: LiGRConfig) -> HSTUConfig:
+    """The HSTU variant whose dense parameter count is closest to LiGR's (same width, more layers)."""
+    shared = ligr.model_dump(exclude={"kind", "ffn_mult"})
+    target = dense_params(build_model(ligr))
+    candidates = [HSTUConfig(**{**shared, "n_layers": n}) for n in range(1, 8 * ligr.n_layers + 1)]
+    return min(candidates, key=lambda cfg: abs(dense_params(build_model(cfg)) - target))
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - began)
+    return statistics.median(times)
+
+
+def training_throughput(cfg: LiGRConfig | HSTUConfig, batch: RankingBatch, steps: int) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    optimizer = torch.optim.AdamW(model.param_groups())
+
+    def step() -> None:
+        out = model(batch)
+        assert out.loss is not None
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+
+    seconds = median_seconds(step, steps)
+    events = int(batch.hist_mask.sum() + batch.cand_mask.sum())
+    return {
+        "kind": cfg.kind,
+        "n_layers": cfg.n_layers,
+        "dense_params": dense_params(model),
+        "step_ms": round(1000 * seconds, 1),
+        "events_per_s": round(events / seconds),
+    }
+
+
+def split_candidates(request: RankingBatch) -> RankingBatch:
+    """One request's S candidates as S one-candidate requests, each carrying the whole history."""
+    n = request.cand_item_id.shape[1]
+    fields: dict[str, Any] = {}
+    for field in dataclasses.fields(request):
+        value = getattr(request, field.name)
+        if value is None:
+            fields[field.name] = None
+        elif field.name.startswith("hist_"):
+            fields[field.name] = value.expand(n, *value.shape[1:])
+        else:
+            fields[field.name] = value.transpose(0, 1)  # (1, S, ...) -> (S, 1, ...)
+    return RankingBatch(**fields)
+
+
+def rows(batch: RankingBatch, start: int, stop: int) -> RankingBatch:
+    sliced: dict[str, Any] = {}
+    for field in dataclasses.fields(batch):
+        value = getattr(batch, field.name)
+        sliced[field.name] = None if value is None else value[start:stop]
+    return RankingBatch(**sliced)
+
+
+@torch.no_grad()
+def scoring_cost(
+    model: RankingModel, history: int, candidates: int, repeats: int, chunk: int
+) -> dict[str, Any]:
+    request = random_requests(1, history, candidates, seed=candidates)
+    singles = split_candidates(request)
+    score = model.score_pointwise
+
+    def per_candidate() -> torch.Tensor:
+        return torch.cat([score(rows(singles, i, i + chunk))[:, 0] for i in range(0, candidates, chunk)])
+
+    single_pass_s = median_seconds(lambda: score(request), repeats)
+    per_candidate_s = median_seconds(per_candidate, repeats, warmup=1)
+    return {
+        "candidates": candidates,
+        "single_pass_ms": round(1000 * single_pass_s, 2),
+        "per_candidate_ms": round(1000 * per_candidate_s, 2),
+        "ratio": round(per_candidate_s / single_pass_s, 1),
+        "max_abs_score_diff": float((score(request)[0] - per_candidate()).abs().max()),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--history", type=int, default=128, help="history events per request")
+    parser.add_argument("--candidates", type=int, nargs="+", default=[10, 100, 500])
+    parser.add_argument("--batch", type=int, default=32, help="requests per training step")
+    parser.add_argument("--train-candidates", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=10, help="timed training steps (median)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed scoring repeats (median)")
+    parser.add_argument("--chunk", type=int, default=50, help="one-candidate requests per batch")
+    parser.add_argument("--d-model", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    max_candidates = max([*args.candidates, args.train_candidates])
+    ligr = LiGRConfig(
+        d_model=args.d_model,
+        n_layers=args.layers,
+        n_heads=2,
+        max_history=args.history,
+        max_candidates=max_candidates,
+        max_tokens=2 * args.history + max_candidates,
+        dropout=0.0,
+    )
+    hstu = equal_size_hstu(ligr)
+    train_batch = random_requests(args.batch, args.history, args.train_candidates)
+    throughput = [training_throughput(cfg, train_batch, args.steps) for cfg in (ligr, hstu)]
+
+    torch.manual_seed(0)
+    scorer = build_model(ligr).eval()
+    scoring = [scoring_cost(scorer, args.history, n, args.repeats, args.chunk) for n in args.candidates]
+    result = {
+        "settings": {**vars(args), "device": "cpu", "torch": torch.__version__},
+        "training": throughput,
+        "ligr_over_hstu_events_per_s": round(
+            throughput[0]["events_per_s"] / throughput[1]["events_per_s"], 2
+        ),
+        "scoring": scoring,
+    }
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,355 @@
+"""The LiGR paper's claims, re-run on the synthetic world with the platform's own stages.
+
+``python -m workloads.eval.experiments --which all|baseline|setwise|scaling|hstu|movielens``
+
+Every model is trained by the training stage (Ray Train, ``train_and_publish``) and scored by the
+evaluation stage (``evaluate.run``) on the days right after training; worlds, examples and
+artifacts are cached under ``--out`` keyed by their configs, so a re-run only does what changed.
+
+1. baseline:  LiGR (5 features) vs the DCNv2 production baseline (ids + content + 11 counters).
+2. setwise:   set-wise in-session attention on vs off, in a world with the set-level effect on and off.
+3. scaling:   eval AUC against history length (16, 64, 256) and against model size -> docs/img PNG.
+4. hstu:      LiGR vs its HSTU-layer variant at equal compute (equal dense parameters, same history).
+5. movielens: HR@10 / NDCG@10 leave-one-out of LiGR retrieval vs SASRec on MovieLens-100K.
+
+These are results, not tests: they print a markdown table per experiment and write
+``<out>/results.json`` and ``<out>/results.md``; docs/benchmarks.md records the figures and scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import ray
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from torch import nn
+
+from workloads.data.movielens import prepare as prepare_movielens
+from workloads.data.preprocess import PreprocessConfig
+from workloads.data.preprocess import run as preprocess
+from workloads.data.schema import data_root
+from workloads.data.synth import WorldConfig, generate
+from workloads.eval.evaluate import EvalConfig, Gate
+from workloads.eval.evaluate import run as evaluate
+from workloads.eval.plots import comparison_plot, scaling_plot
+from workloads.models.config import HSTUConfig, LiGRConfig
+from workloads.models.registry import build_model
+from workloads.train.config import TrainConfig
+from workloads.train.trainer import train_and_publish
+
+Which = Literal["all", "baseline", "setwise", "scaling", "hstu", "movielens"]
+EXPERIMENTS: tuple[str, ...] = ("baseline", "setwise", "scaling", "hstu", "movielens")
+AUCS = ("long_dwell_auc", "contribution_auc", "click_auc")
+HISTORY_LENGTHS = (16, 64, 256)
+MODEL_SIZES = ((16, 1), (32, 2), (64, 3))  # (d_model, n_layers)
+DEFAULT_SETWISE_EFFECT = WorldConfig().setwise_effect
+
+
+class ExperimentConfig(BaseModel):
+    """Scale of the experiments (the demo world is 5,000 members; 2 shared cores need less)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    which: Which = "all"
+    members: PositiveInt = 1500
+    epochs: PositiveInt = 3
+    batch_size: PositiveInt = 64
+    d_model: PositiveInt = 32
+    n_layers: PositiveInt = 2
+    max_history: PositiveInt = 64
+    num_workers: PositiveInt = 2
+    movielens_epochs: PositiveInt = 30
+    seed: int = 0
+    out: Path = Field(default_factory=lambda: data_root() / "experiments")
+    img_dir: Path = Path("docs/img")
+
+
+def dense_params(model: nn.Module) -> int:
+    """Parameters outside embedding tables (what the paper's compute axis counts)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    return sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
+
+
+def equal_size_hstu(ligr: LiGRConfig) -> HSTUConfig:
+    """The HSTU variant (same width, tokens and heads) whose dense parameter count is closest to LiGR's.
+
+    At the same history length this is also equal training compute (the paper's FLOPs axis is dense
+    parameters times sequence length): an HSTU layer has about 5 d^2 weights, a gated LiGR block 14 d^2.
+    """
+    shared = ligr.model_dump(exclude={"kind", "ffn_mult"})
+    target = dense_params(build_model(ligr))
+    options = [HSTUConfig(**{**shared, "n_layers": n}) for n in range(1, 8 * ligr.n_layers + 1)]
+    return min(options, key=lambda cfg: abs(dense_params(build_model(cfg)) - target))
+
+
+def _key(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+class Lab:
+    """Cached building blocks: worlds, examples, trained artifacts, evaluation reports."""
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        self.cfg = cfg
+        self.out = cfg.out.resolve()
+
+    def world(self, setwise_effect: float = DEFAULT_SETWISE_EFFECT) -> Path:
+        world_cfg = WorldConfig(members=self.cfg.members, seed=self.cfg.seed, setwise_effect=setwise_effect)
+        path = self.out / "worlds" / f"m{self.cfg.members}-seed{self.cfg.seed}-setwise{setwise_effect}"
+        if not (path / "world.json").is_file():
+            generate(world_cfg, path)
+        return path
+
+    def examples(self, world: Path, max_history: int = max(HISTORY_LENGTHS)) -> Path:
+        path = self.out / "examples" / f"{world.name}-h{max_history}"
+        if not (path / "manifest.json").is_file():
+            preprocess(PreprocessConfig(world_dir=world, out_dir=path, max_history=max_history))
+        return path
+
+    def train(
+        self, label: str, model: dict[str, Any], examples: Path, world: Path | None, epochs: int
+    ) -> Path:
+        """Train (or reuse) one artifact; its name carries a hash of everything that shaped it."""
+        settings = {
+            "model": model,
+            "examples_dir": str(examples),
+            "world_dir": str(world) if world else None,
+            "epochs": epochs,
+            "batch_size": self.cfg.batch_size,
+            "num_workers": self.cfg.num_workers,
+            "seed": self.cfg.seed,
+        }
+        cfg = TrainConfig.model_validate(
+            {
+                **settings,
+                "name": f"{label}-{_key(settings)}",
+                "storage_path": str(self.out / "runs"),
+                "artifact_root": str(self.out / "models"),
+            }
+        )
+        if not (cfg.artifact_dir / "MANIFEST.json").is_file():
+            began = time.perf_counter()
+            train_and_publish(cfg)
+            print(f"trained {cfg.name} in {time.perf_counter() - began:.0f}s", flush=True)
+        return cfg.artifact_dir
+
+    def evaluate(
+        self, label: str, artifacts: list[Path], examples: Path, baseline: Path | None = None
+    ) -> Any:
+        output = self.out / "eval" / f"{label}.json"
+        gate = Gate(metric="long_dwell_auc", min_lift=0.0) if baseline else None
+        evaluate(
+            EvalConfig(
+                artifacts=artifacts, baseline=baseline, gate=gate, examples_dir=examples, output=output
+            )
+        )
+        report: dict[str, Any] = json.loads(output.read_text())
+        return report
+
+    def ligr(self, **overrides: Any) -> dict[str, Any]:
+        cfg = {
+            "kind": "ligr",
+            "d_model": self.cfg.d_model,
+            "n_layers": self.cfg.n_layers,
+            "n_heads": 2,
+            "max_history": self.cfg.max_history,
+            **overrides,
+        }
+        return LiGRConfig.model_validate(cfg).model_dump(mode="json")
+
+
+def _overall(report: dict[str, Any], artifact: Path) -> dict[str, Any]:
+    label = f"{artifact.parent.name}/{artifact.name}"  # <name>/v<version>, as evaluate labels them
+    result: dict[str, Any] = report["models"][label]
+    return result
+
+
+def _lift(value: float, base: float) -> float:
+    return 100.0 * (value - base) / base
+
+
+# --- The experiments -----------------------------------------------------------------------------------
+
+
+def baseline(lab: Lab) -> dict[str, Any]:
+    world = lab.world()
+    examples = lab.examples(world)
+    ligr = lab.train("ligr", lab.ligr(), examples, world, lab.cfg.epochs)
+    dcn = lab.train(
+        "dcnv2", {"kind": "dcnv2", "max_history": lab.cfg.max_history}, examples, world, lab.cfg.epochs
+    )
+    report = lab.evaluate("baseline", [ligr], examples, baseline=dcn)
+    rows = []
+    for name, path in (("LiGR", ligr), ("DCNv2 (counters)", dcn)):
+        result = _overall(report, path)
+        overall, cold = result["overall"], result["slices"]["0"]
+        rows.append(
+            {
+                "model": name,
+                "features": result["n_features"],
+                **{m: overall[m] for m in AUCS},
+                "long_dwell_ne": overall["long_dwell_ne"],
+                "cold_start_long_dwell_auc": cold["long_dwell_auc"],
+                "candidates": overall["candidates"],
+            }
+        )
+    lifts = {m: _lift(rows[0][m], rows[1][m]) for m in ("long_dwell_auc", "contribution_auc")}
+    plot = comparison_plot(rows, AUCS, lab.cfg.img_dir / "ligr_vs_dcnv2.png", "LiGR vs DCNv2 (eval period)")
+    return {"rows": rows, "lift_percent": lifts, "gate": report["gate"], "plot": str(plot)}
+
+
+def setwise(lab: Lab) -> dict[str, Any]:
+    rows = []
+    for effect in (DEFAULT_SETWISE_EFFECT, 0.0):
+        world = lab.world(effect)
+        examples = lab.examples(world)
+        on = lab.train("ligr", lab.ligr(), examples, world, lab.cfg.epochs)
+        off = lab.train("ligr-pointwise", lab.ligr(setwise=False), examples, world, lab.cfg.epochs)
+        report = lab.evaluate(f"setwise-{effect}", [on, off], examples)
+        metrics = {name: _overall(report, path)["overall"] for name, path in (("on", on), ("off", off))}
+        for attention in ("on", "off"):
+            rows.append(
+                {"world_setwise_effect": effect, "setwise_attention": attention, **_pick(metrics[attention])}
+            )
+        rows.append(
+            {
+                "world_setwise_effect": effect,
+                "setwise_attention": "on - off",
+                **{m: metrics["on"][m] - metrics["off"][m] for m in AUCS},
+            }
+        )
+    return {"rows": rows}
+
+
+def scaling(lab: Lab) -> dict[str, Any]:
+    world = lab.world()
+    examples = lab.examples(world)
+    by_history = []
+    for history in HISTORY_LENGTHS:
+        artifact = lab.train("ligr", lab.ligr(max_history=history), examples, world, lab.cfg.epochs)
+        overall = _overall(lab.evaluate(f"history-{history}", [artifact], examples), artifact)["overall"]
+        by_history.append({"history": history, **_pick(overall)})
+    by_size = []
+    for d_model, n_layers in MODEL_SIZES:
+        model = lab.ligr(d_model=d_model, n_layers=n_layers, id_dim=d_model // 2)
+        artifact = lab.train("ligr", model, examples, world, lab.cfg.epochs)
+        overall = _overall(lab.evaluate(f"size-{d_model}x{n_layers}", [artifact], examples), artifact)[
+            "overall"
+        ]
+        params = dense_params(build_model(LiGRConfig.model_validate(model)))
+        by_size.append({"d_model": d_model, "n_layers": n_layers, "dense_params": params, **_pick(overall)})
+    plot = scaling_plot(
+        by_history, by_size, lab.cfg.img_dir / "ligr_scaling.png", title=f"LiGR on {lab.cfg.members} members"
+    )
+    return {"by_history": by_history, "by_size": by_size, "plot": str(plot)}
+
+
+def hstu(lab: Lab) -> dict[str, Any]:
+    world = lab.world()
+    examples = lab.examples(world)
+    ligr_cfg = LiGRConfig.model_validate(lab.ligr())
+    hstu_cfg = equal_size_hstu(ligr_cfg)
+    ligr = lab.train("ligr", ligr_cfg.model_dump(mode="json"), examples, world, lab.cfg.epochs)
+    variant = lab.train("hstu", hstu_cfg.model_dump(mode="json"), examples, world, lab.cfg.epochs)
+    report = lab.evaluate("hstu", [ligr, variant], examples)
+    rows = []
+    for name, path, cfg in (("LiGR", ligr, ligr_cfg), ("HSTU layers", variant, hstu_cfg)):
+        overall = _overall(report, path)["overall"]
+        params = dense_params(build_model(cfg))
+        rows.append({"model": name, "n_layers": cfg.n_layers, "dense_params": params, **_pick(overall)})
+    return {"rows": rows}
+
+
+def movielens(lab: Lab) -> dict[str, Any]:
+    folder = lab.out / "movielens"
+    if not (folder / "manifest.json").is_file():
+        prepare_movielens(folder, data_root() / "cache")
+    shared = {"d_model": 64, "n_layers": 2, "max_len": 200, "item_hash_size": 4096}
+    models = {
+        "LiGR retrieval": {"kind": "ligr_retrieval", "n_heads": 2, **shared},
+        "SASRec": {"kind": "sasrec", "n_heads": 1, **shared},
+    }
+    epochs = lab.cfg.movielens_epochs
+    artifacts = {
+        name: lab.train(name.split()[0].lower() + "-ml", cfg, folder, None, epochs)
+        for name, cfg in models.items()
+    }
+    report = lab.evaluate("movielens", list(artifacts.values()), folder)
+    rows = []
+    for name, path in artifacts.items():
+        overall = _overall(report, path)["overall"]
+        rows.append(
+            {"model": name, **{k: overall[k] for k in ("hr@10", "ndcg@10", "hr@1", "hr@20", "users")}}
+        )
+    return {"rows": rows, "epochs": epochs}
+
+
+def _pick(overall: dict[str, Any]) -> dict[str, Any]:
+    return {m: overall[m] for m in (*AUCS, "long_dwell_ne")}
+
+
+RUNNERS = {"baseline": baseline, "setwise": setwise, "scaling": scaling, "hstu": hstu, "movielens": movielens}
+
+
+# --- Reporting ------------------------------------------------------------------------------------------
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    columns = list(dict.fromkeys(c for row in rows for c in row))
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4f}"
+        return "" if value is None else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report_markdown(results: dict[str, Any]) -> str:
+    parts = []
+    for name, result in results.items():
+        if name == "settings":
+            continue
+        parts.append(f"### {name}\n")
+        for key in ("rows", "by_history", "by_size"):
+            if key in result:
+                parts.append(markdown_table(result[key]) + "\n")
+        for key in ("lift_percent", "plot", "epochs"):
+            if key in result:
+                parts.append(f"{key}: {json.dumps(result[key])}\n")
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    for name, field in ExperimentConfig.model_fields.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, help=field.description)
+    raw = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    cfg = ExperimentConfig.model_validate(raw)
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    lab = Lab(cfg)
+    results_path = lab.out / "results.json"
+    results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    results["settings"] = cfg.model_dump(mode="json")
+    for name in EXPERIMENTS if cfg.which == "all" else (cfg.which,):
+        began = time.perf_counter()
+        results[name] = {**RUNNERS[name](lab), "seconds": round(time.perf_counter() - began)}
+        lab.out.mkdir(parents=True, exist_ok=True)
+        results_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        print(report_markdown({name: results[name]}), flush=True)
+    (lab.out / "results.md").write_text(report_markdown(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

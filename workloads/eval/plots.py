@@ -1,0 +1,74 @@
+"""Figures for the experiment results (matplotlib, written as PNG for docs/img/)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on a training node
+
+import matplotlib.pyplot as plt
+
+TASK_LABELS = {
+    "long_dwell_auc": "long dwell AUC",
+    "contribution_auc": "contribution AUC",
+    "click_auc": "click AUC",
+}
+
+
+def scaling_plot(
+    by_history: Sequence[dict[str, float]],
+    by_size: Sequence[dict[str, float]],
+    path: Path,
+    metrics: Sequence[str] = ("long_dwell_auc", "contribution_auc"),
+    title: str = "",
+) -> Path:
+    """Two panels: AUC against history length, and AUC against dense parameters (log scale).
+
+    Each point is a dict with ``history`` or ``dense_params`` and the metric values.
+    """
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for metric in metrics:
+        label = TASK_LABELS.get(metric, metric)
+        left.plot([p["history"] for p in by_history], [p[metric] for p in by_history], "o-", label=label)
+        right.plot([p["dense_params"] for p in by_size], [p[metric] for p in by_size], "o-", label=label)
+    left.set_xscale("log", base=2)
+    left.set_xlabel("history length (events)")
+    left.set_ylabel("eval AUC")
+    right.set_xscale("log")
+    right.set_xlabel("dense parameters")
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def comparison_plot(
+    rows: Sequence[dict[str, float | str]], metrics: Sequence[str], path: Path, title: str
+) -> Path:
+    """Grouped bars: one group per metric, one bar per model (``rows`` carry ``model`` and the metrics)."""
+    fig, axis = plt.subplots(figsize=(2 + 1.8 * len(metrics), 4))
+    width = 0.8 / max(len(rows), 1)
+    for i, row in enumerate(rows):
+        positions = [m + i * width for m in range(len(metrics))]
+        axis.bar(positions, [float(row[m]) for m in metrics], width, label=str(row["model"]))
+    axis.set_xticks([m + width * (len(rows) - 1) / 2 for m in range(len(metrics))])
+    axis.set_xticklabels([TASK_LABELS.get(m, m) for m in metrics])
+    values = [float(row[m]) for row in rows for m in metrics]
+    axis.set_ylim(min(values) - 0.02, max(values) + 0.02)
+    axis.set_title(title)
+    axis.legend()
+    axis.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
