@@ -24,9 +24,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
 
 from workloads.data.schema import CONTENT_DIM, COUNTER_FEATURES, N_AGE_BUCKETS, TASKS, Action, PostType
+from workloads.eval.experiments import dense_params, equal_size_hstu
 from workloads.models.base import RankingModel
 from workloads.models.batch import RankingBatch
 from workloads.models.config import HSTUConfig, LiGRConfig
@@ -59,19 +59,6 @@ def random_requests(batch: int, history: int, candidates: int, seed: int = 0) ->
         cand_counters=torch.rand(batch, candidates, len(COUNTER_FEATURES), generator=g),
         labels=(torch.rand(batch, candidates, len(TASKS), generator=g) < 0.1).float(),
     )
-
-
-def dense_params(model: nn.Module) -> int:
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    return sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
-
-
-def equal_size_hstu(ligr: LiGRConfig) -> HSTUConfig:
-    """The HSTU variant whose dense parameter count is closest to LiGR's (same width, more layers)."""
-    shared = ligr.model_dump(exclude={"kind", "ffn_mult"})
-    target = dense_params(build_model(ligr))
-    candidates = [HSTUConfig(**{**shared, "n_layers": n}) for n in range(1, 8 * ligr.n_layers + 1)]
-    return min(candidates, key=lambda cfg: abs(dense_params(build_model(cfg)) - target))
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:

@@ -49,6 +49,7 @@ TRANSIENT_GRACE_SECONDS = 90.0  # how long the cluster may keep failing to answe
 LOG_LINES_PER_POLL = 200
 LOG_LINE_CHARS = 240
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_PROGRESS_BAR = re.compile(r"^(?P<label>.*?):\s*\d+%\|")  # a tqdm line: "Reading: 40%|####  | 2/5 [...]"
 
 
 def default_mounts() -> dict[str, Path]:
@@ -191,16 +192,27 @@ class Reporter:
             new = lines[self.printed.get(name, 0) :]
             self.printed[name] = len(lines)
             stage = backend.state.jobs[name].stage.value if name in backend.state.jobs else name
-            skipped = len(new) - LOG_LINES_PER_POLL
+            readable = readable_lines(new)
+            skipped = len(readable) - LOG_LINES_PER_POLL
             if skipped > 0:
                 self.line(f"{stage:>10} | ... {skipped} lines (see the Ray dashboard)")
-                new = new[skipped:]
-            for raw in new:
-                text = _ANSI.sub("", raw.split("\r")[-1]).rstrip()
-                if text:
-                    self.line(f"{stage:>10} | {text[:LOG_LINE_CHARS]}")
+                readable = readable[skipped:]
+            for text in readable:
+                self.line(f"{stage:>10} | {text[:LOG_LINE_CHARS]}")
             if job.state.finished:
                 self.done.add(name)
+
+
+def readable_lines(lines: list[str]) -> list[str]:
+    """Log lines without colour codes and blank lines, and only the latest state of each progress bar."""
+    texts = [_ANSI.sub("", line.split("\r")[-1]).rstrip() for line in lines]
+    texts = [text for text in texts if text]
+    latest: dict[str, int] = {}
+    for index, text in enumerate(texts):
+        if (bar := _PROGRESS_BAR.match(text)) is not None:
+            latest[bar["label"]] = index
+    bars = set(latest.values())
+    return [text for i, text in enumerate(texts) if i in bars or _PROGRESS_BAR.match(text) is None]
 
 
 # --- The loop -----------------------------------------------------------------------------------------------
