@@ -48,8 +48,10 @@ SETTLED = (Phase.SERVING, Phase.FAILED, Phase.SUSPENDED)  # nothing more happens
 TRANSIENT_GRACE_SECONDS = 90.0  # how long the cluster may keep failing to answer before the run gives up
 LOG_LINES_PER_POLL = 200
 LOG_LINE_CHARS = 240
+PROGRESS_EVERY_SECONDS = 10.0
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-_PROGRESS_BAR = re.compile(r"^(?P<label>.*?):\s*\d+%\|")  # a tqdm line: "Reading: 40%|####  | 2/5 [...]"
+# a progress bar redrawn as log lines, e.g. "Reading: 40%|####  | 2/5 [00:03<00:04, 1.2 file/s]"
+_PROGRESS_BAR = re.compile(r"^(?P<label>[^:]*):.*\[\d+:\d\d(:\d\d)?(<|,)")
 
 
 def default_mounts() -> dict[str, Path]:
@@ -163,6 +165,7 @@ class Reporter:
         self.started = time.monotonic()
         self.printed: dict[str, int] = {}  # job name -> log lines already shown
         self.done: set[str] = set()
+        self.bars: dict[str, float] = {}  # progress bar label -> when it was last shown
 
     @property
     def elapsed(self) -> float:
@@ -178,6 +181,20 @@ class Reporter:
     def plan(self, plan: Plan) -> None:
         for event in plan.events:
             self.progress(plan.status.phase, f"{event.reason}: {event.message}")
+
+    def _bar_due(self, text: str) -> bool:
+        """A progress bar is shown every PROGRESS_EVERY_SECONDS, and when it completes."""
+        bar = _PROGRESS_BAR.match(text)
+        if bar is None:
+            return True
+        now = time.monotonic()
+        if (
+            "100%" in text
+            or now - self.bars.get(bar["label"], -PROGRESS_EVERY_SECONDS) >= PROGRESS_EVERY_SECONDS
+        ):
+            self.bars[bar["label"]] = now
+            return True
+        return False
 
     async def tail(self, backend: LocalBackend, observed: Observed) -> None:
         """Print what running jobs printed since the last poll; a finished job's last lines once."""
@@ -198,6 +215,8 @@ class Reporter:
                 self.line(f"{stage:>10} | ... {skipped} lines (see the Ray dashboard)")
                 readable = readable[skipped:]
             for text in readable:
+                if not self._bar_due(text):
+                    continue
                 self.line(f"{stage:>10} | {text[:LOG_LINE_CHARS]}")
             if job.state.finished:
                 self.done.add(name)
