@@ -234,6 +234,10 @@ def run(
         int, typer.Option(min=0, max=65535, help="HTTP port of the endpoint (0 or taken: a free one).")
     ] = 8000,
     sample: Annotated[bool, typer.Option(help="Send sample ranking requests once it serves.")] = True,
+    delete: Annotated[
+        bool,
+        typer.Option("--delete", help="Tear the model down instead: stop its jobs, delete its Serve app."),
+    ] = False,
 ) -> None:
     """Run a RankingModel on a local Ray cluster: the operator's reconcile loop, to a served endpoint."""
     from operators.run import RunOptions, default_mounts
@@ -252,6 +256,7 @@ def run(
         num_cpus=num_cpus,
         serve_port=serve_port,
         sample=sample,
+        delete=delete,
     )
     raise typer.Exit(run_model(options))
 

@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import signal
 import socket
 import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -36,7 +38,7 @@ from operators.backends.local import (
     StateFile,
     StorageError,
 )
-from operators.embedded_ray import EmbeddedRay, free_port
+from operators.embedded_ray import EmbeddedRay, EmbeddedRayError, free_port
 from operators.pipeline import SERVE_PORT, Stage
 from operators.reconcile import JobState, Observed, Plan, reconcile
 from operators.validate import admit, validate_manifest
@@ -84,6 +86,7 @@ class RunOptions:
     serve_port: int = SERVE_PORT
     poll_seconds: float = 2.0
     sample: bool = True
+    delete: bool = False  # tear the model's jobs and Serve applications down instead, and forget its state
 
 
 # --- The manifest and its state -----------------------------------------------------------------------------
@@ -146,10 +149,13 @@ def open_state(model: RankingModel, path: Path, retry: bool) -> StateFile:
     return state
 
 
-def as_model(model: RankingModel, state: StateFile) -> RankingModel:
-    """The object as the API server would hand it to the operator now."""
+def as_model(model: RankingModel, state: StateFile, deleting: bool = False) -> RankingModel:
+    """The object as the API server would hand it to the operator now (being deleted, with `deleting`)."""
     metadata = ObjectMeta(
-        name=model.metadata.name, namespace=model.metadata.namespace, generation=state.state.generation
+        name=model.metadata.name,
+        namespace=model.metadata.namespace,
+        generation=state.state.generation,
+        deletionTimestamp=datetime.now(UTC).isoformat() if deleting else None,
     )
     return RankingModel(metadata=metadata, spec=model.spec, status=state.state.status)
 
@@ -166,6 +172,7 @@ class Reporter:
         self.printed: dict[str, int] = {}  # job name -> log lines already shown
         self.done: set[str] = set()
         self.bars: dict[str, float] = {}  # progress bar label -> when it was last shown
+        self.deleted: set[tuple[str, str]] = set()
 
     @property
     def elapsed(self) -> float:
@@ -181,6 +188,10 @@ class Reporter:
     def plan(self, plan: Plan) -> None:
         for event in plan.events:
             self.progress(plan.status.phase, f"{event.reason}: {event.message}")
+        for ref in plan.delete:  # a teardown has no events: say what goes, once
+            if (ref.kind, ref.name) not in self.deleted:
+                self.deleted.add((ref.kind, ref.name))
+                self.progress(plan.status.phase, f"Deleting: {ref.kind} {ref.name}")
 
     def _bar_due(self, text: str) -> bool:
         """A progress bar is shown every PROGRESS_EVERY_SECONDS, and when it completes."""
@@ -243,13 +254,17 @@ async def drive(
     reporter: Reporter,
     timeout: float | None = None,
     poll_seconds: float = 2.0,
+    deleting: bool = False,
 ) -> RankingModel:
-    """Observe, reconcile, apply until the model settles (Serving, Failed, Suspended); returns it then."""
+    """Observe, reconcile, apply until the model settles (Serving, Failed, Suspended), or with `deleting`
+    until none of its children is left; returns the model then."""
     failing_since: float | None = None
     while True:
-        model = as_model(manifest, backend.state_file)
+        model = as_model(manifest, backend.state_file, deleting)
         try:
             observed = await backend.observe(model)
+            if deleting and observed.child_count == 0:
+                return model
             plan = reconcile(model, observed)
             await backend.apply(model, plan)
         except (ChildConflictError, StorageError):
@@ -262,10 +277,11 @@ async def drive(
         else:
             failing_since = None
             reporter.plan(plan)
-            if plan.status.phase in SETTLED:
+            if plan.status.phase in SETTLED and not deleting:
                 await reporter.tail(backend, observed)
                 return as_model(manifest, backend.state_file)
-            await reporter.tail(backend, observed)
+            if not deleting:
+                await reporter.tail(backend, observed)
         if timeout is not None and reporter.elapsed > timeout:
             phase = backend.state.status.phase.value
             raise RunFailed(f"timed out after {timeout:.0f} s in phase {phase}")
@@ -424,27 +440,14 @@ def run(options: RunOptions, out: TextIO = sys.stdout) -> int:
     folder = state_dir(manifest, storage)
     state = open_state(manifest, folder / STATE_FILE, options.retry)
     record = folder / CLUSTER_FILE
-    dashboard, head = _connect(options, record, reporter)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` and `timeout` clean up as Ctrl-C does
+    head: EmbeddedRay | None = None
     try:
-        backend = LocalBackend(
-            dashboard, state, storage, serve_port=_serve_port(dashboard, options.serve_port)
-        )
-        reporter.line(
-            f"rankray run: {manifest.metadata.name} generation {state.state.generation}; Ray dashboard "
-            f"{dashboard} (jobs, logs, Serve); state file {state.path}"
-        )
-        try:
-            model = asyncio.run(_drive_and_close(manifest, backend, reporter, options))
-            code = report(model, state, storage, options.sample, reporter)
-        except (RunFailed, ChildConflictError, StorageError) as err:
-            reporter.line(f"rankray run: {err}")
-            code = 1
-        if options.keep and head is not None:
-            reporter.line(f"rankray run: the Ray head stays up ({dashboard}); Ctrl-C stops it")
-            with contextlib.suppress(KeyboardInterrupt):
-                while True:
-                    time.sleep(3600)
-        return code
+        dashboard, head = _connect(options, record, reporter)
+        return _run_on(dashboard, head, manifest, state, storage, options, reporter)
+    except EmbeddedRayError as err:
+        reporter.line(f"rankray run: {err}")
+        return 1
     except KeyboardInterrupt:
         reporter.line("rankray run: interrupted; run it again to continue where it stopped")
         return 130
@@ -452,13 +455,53 @@ def run(options: RunOptions, out: TextIO = sys.stdout) -> int:
         if head is not None:
             reporter.line("rankray run: stopping the Ray head")
             head.stop(record)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_on(
+    dashboard: str,
+    head: EmbeddedRay | None,
+    manifest: RankingModel,
+    state: StateFile,
+    storage: LocalStorage,
+    options: RunOptions,
+    reporter: Reporter,
+) -> int:
+    backend = LocalBackend(dashboard, state, storage, serve_port=_serve_port(dashboard, options.serve_port))
+    name = manifest.metadata.name
+    reporter.line(
+        f"rankray run: {name} generation {state.state.generation}; Ray dashboard {dashboard} "
+        f"(jobs, logs, Serve); state file {state.path}"
+    )
+    try:
+        model = asyncio.run(_drive_and_close(manifest, backend, reporter, options))
+        if options.delete:
+            state.path.unlink(missing_ok=True)
+            reporter.line(f"rankray run: deleted {name}: its jobs, its Serve app, its state")
+            return 0
+        code = report(model, state, storage, options.sample, reporter)
+    except (RunFailed, ChildConflictError, StorageError) as err:
+        reporter.line(f"rankray run: {err}")
+        code = 1
+    if options.keep and head is not None:
+        reporter.line(f"rankray run: the Ray head stays up ({dashboard}); Ctrl-C stops it")
+        with contextlib.suppress(KeyboardInterrupt):
+            while True:
+                time.sleep(3600)
+    return code
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 async def _drive_and_close(
     manifest: RankingModel, backend: LocalBackend, reporter: Reporter, options: RunOptions
 ) -> RankingModel:
     try:
-        return await drive(manifest, backend, reporter, options.timeout, options.poll_seconds)
+        return await drive(
+            manifest, backend, reporter, options.timeout, options.poll_seconds, deleting=options.delete
+        )
     finally:
         await backend.close()
 

@@ -34,6 +34,7 @@ from operators.run import (
     check_local_paths,
     load_manifest,
     open_state,
+    readable_lines,
     sample_requests,
 )
 
@@ -195,3 +196,20 @@ def test_run_reaches_serving_after_a_crash_without_running_a_job_twice(
     assert all(record.state is JobState.SUCCEEDED for record in state.jobs.values())
     assert (artifacts / "tiny-feed" / "v1" / "config.json").is_file(), "training published the version"
     assert isinstance(load_manifest(path), RankingModel)
+
+
+def test_job_logs_are_shown_without_colours_and_with_each_progress_bar_once() -> None:
+    lines = [
+        "\x1b[32mConnected to Ray cluster.\x1b[0m",
+        "Reading: 10%|#         | 1/10 [00:01<00:09, 1.0 file/s]",
+        "",
+        "Writing: 0%|          | 0/4 [00:00<?, ? file/s]",
+        "Reading: 90%|######### | 9/10 [00:09<00:01, 1.0 file/s]",
+        'half drawn\r{"rows": 3}',
+    ]
+    assert readable_lines(lines) == [
+        "Connected to Ray cluster.",
+        "Writing: 0%|          | 0/4 [00:00<?, ? file/s]",
+        "Reading: 90%|######### | 9/10 [00:09<00:01, 1.0 file/s]",
+        '{"rows": 3}',
+    ]

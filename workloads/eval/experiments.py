@@ -36,6 +36,7 @@ from workloads.data.schema import data_root
 from workloads.data.synth import WorldConfig, generate
 from workloads.eval.evaluate import EvalConfig, Gate
 from workloads.eval.evaluate import run as evaluate
+from workloads.eval.metrics import auc_standard_error
 from workloads.eval.plots import comparison_plot, scaling_plot
 from workloads.models.config import HSTUConfig, LiGRConfig
 from workloads.models.registry import build_model
@@ -192,8 +193,7 @@ def baseline(lab: Lab) -> dict[str, Any]:
             {
                 "model": name,
                 "features": result["n_features"],
-                **{m: overall[m] for m in AUCS},
-                "long_dwell_ne": overall["long_dwell_ne"],
+                **_pick(overall),
                 "cold_start_long_dwell_auc": cold["long_dwell_auc"],
                 "candidates": overall["candidates"],
             }
@@ -290,7 +290,10 @@ def movielens(lab: Lab) -> dict[str, Any]:
 
 
 def _pick(overall: dict[str, Any]) -> dict[str, Any]:
-    return {m: overall[m] for m in (*AUCS, "long_dwell_ne")}
+    """The AUCs, long-dwell NE, and the long-dwell AUC's standard error (Hanley-McNeil)."""
+    positives = overall["long_dwell_positives"]
+    se = auc_standard_error(overall["long_dwell_auc"], positives, overall["candidates"] - positives)
+    return {**{m: overall[m] for m in (*AUCS, "long_dwell_ne")}, "long_dwell_auc_se": se}
 
 
 RUNNERS = {"baseline": baseline, "setwise": setwise, "scaling": scaling, "hstu": hstu, "movielens": movielens}

@@ -36,6 +36,17 @@ def auc(labels: ArrayLike, scores: ArrayLike) -> float:
     return float(roc_auc_score(y, s))
 
 
+def auc_standard_error(value: float, positives: int, negatives: int) -> float:
+    """Hanley & McNeil (1982) standard error of an AUC: how far apart two AUCs must be to mean anything."""
+    if positives == 0 or negatives == 0 or math.isnan(value):
+        return math.nan
+    q1, q2 = value / (2 - value), 2 * value**2 / (1 + value)
+    variance = (
+        value * (1 - value) + (positives - 1) * (q1 - value**2) + (negatives - 1) * (q2 - value**2)
+    ) / (positives * negatives)
+    return math.sqrt(max(variance, 0.0))
+
+
 def log_loss(labels: ArrayLike, probs: ArrayLike) -> float:
     """Mean binary cross-entropy of probabilities (clipped so a confident miss costs log(1/eps), not inf)."""
     y = np.asarray(labels, dtype=np.float64).ravel()

@@ -43,15 +43,16 @@ from workloads.serve.schemas import (
     RankResponse,
     Timings,
 )
-from workloads.serve.scorer import PointwiseScores
-from workloads.serve.setwise import SetwiseCorrection
 
 if TYPE_CHECKING:
     from workloads.serve.graph import GraphArgs
+    from workloads.serve.scorer import PointwiseScores
+    from workloads.serve.setwise import SetwiseCorrection
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "the body could not be read as text (e.g. not UTF-8)"},
+    404: {"model": ErrorBody, "description": "model brew only: the LLM scorer does not know the member"},
     422: {"model": ErrorBody, "description": "a field of the request is invalid; `fields` names it"},
     503: {"model": ErrorBody, "description": "the feature store failed or timed out (after bounded retries)"},
 }
@@ -291,8 +292,9 @@ class RankIngress:
         )
         try:
             scored = await self.brew.score.remote(request)
-        except HTTPException as err:  # BrewScorer's own 4xx (e.g. an item the world does not know)
-            raise ServeError(err.status_code, "invalid_request", str(err.detail)) from None
+        except HTTPException as err:  # BrewScorer's own 4xx: an item or member the world does not know
+            error = "not_found" if err.status_code == 404 else "invalid_request"
+            raise ServeError(err.status_code, error, str(err.detail)) from None
         scores = np.asarray(scored.scores, dtype=np.float64)
         order = np.argsort(-scores, kind="stable")
         k = min(body.k or len(body.candidates), len(body.candidates))

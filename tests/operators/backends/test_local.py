@@ -287,7 +287,7 @@ def test_serving_reports_a_failed_deploy_with_the_reason(head: EmbeddedRay, tmp_
     service = asyncio.run(deploy()).service
     assert service is not None and service.failed and not service.ready, service
     assert service.digest == app.digest, "the deployed config is recognised as the one applied"
-    assert "artifact" in service.message.lower() or "not found" in service.message.lower(), service.message
+    assert "artifact_uri" in service.message, service.message
 
     other = backend_for(head, tmp_path / "other.json")
     intruder = as_model(
@@ -302,3 +302,22 @@ def test_serving_reports_a_failed_deploy_with_the_reason(head: EmbeddedRay, tmp_
 
     with pytest.raises(ChildConflictError, match="serves unserved"):
         asyncio.run(observe_as_another_model())
+
+    async def delete() -> tuple[Plan, Observed]:
+        again = backend_for(head, tmp_path / "state.json")  # the state the deploy recorded
+        try:
+            deleting = as_model(manifest, again.state.status)
+            deleting.metadata.deletion_timestamp = "2026-01-01T00:00:00Z"
+            plan = reconcile(deleting, await again.observe(deleting))
+            await again.apply(deleting, plan)
+            deadline = time.monotonic() + 60
+            while (observed := await again.observe(deleting)).service is not None:
+                assert time.monotonic() < deadline, observed
+                await asyncio.sleep(1.0)
+            return plan, observed
+        finally:
+            await again.close()
+
+    plan, gone = asyncio.run(delete())
+    assert [(ref.kind, ref.name) for ref in plan.delete] == [("RayService", "unserved")]
+    assert gone.service is None and gone.child_count == 0, "deletion removed the Serve application"

@@ -46,7 +46,7 @@ def tiny_base(
 @pytest.fixture(scope="session")
 def lora_training(
     ray_session: None, tmp_path_factory: pytest.TempPathFactory, tiny_world: Path, tiny_base: Path
-):  # type: ignore[no-untyped-def]
+):
     """One real two-worker Ray Train run (LoRA on the tiny base): its config and summary."""
     from workloads.brew.train import BrewTrainConfig, StageConfig, train
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 from pydantic import ValidationError
+from transformers import PreTrainedTokenizerBase
 
 from workloads.brew.model import answer_token_ids, load_tokenizer
 from workloads.brew.prompts import DEFAULT_TEMPLATES, HistoryEvent, Templates, Verbalizer
@@ -49,11 +50,11 @@ def _check_golden(name: str, text: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_base: Path):  # type: ignore[no-untyped-def]
+def tokenizer(tiny_base: Path) -> PreTrainedTokenizerBase:
     return load_tokenizer(tiny_base)
 
 
-def test_job_apply_prompt_matches_golden(templates: Templates, tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_job_apply_prompt_matches_golden(templates: Templates, tokenizer: PreTrainedTokenizerBase) -> None:
     history = [
         HistoryEvent(templates.render("job", JOBS[0]), VIEW | APPLY),
         HistoryEvent(templates.render("job", JOBS[1]), DISMISS),
@@ -68,7 +69,9 @@ def test_job_apply_prompt_matches_golden(templates: Templates, tokenizer) -> Non
     _check_golden("job_apply", prompts.prompts[0])
 
 
-def test_feed_and_zero_shot_prompts_match_golden(templates: Templates, tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_feed_and_zero_shot_prompts_match_golden(
+    templates: Templates, tokenizer: PreTrainedTokenizerBase
+) -> None:
     history = [
         HistoryEvent(templates.render("post", POSTS[0]), CLICK | LIKE),
         HistoryEvent(templates.render("post", POSTS[1]), CLICK),  # a click alone is not in the feed history
@@ -94,7 +97,7 @@ def _job_history(templates: Templates, n: int) -> list[HistoryEvent]:
 @pytest.mark.parametrize("budget", [260, 400, 700])
 def test_history_is_cut_most_recent_first_to_the_token_budget(
     templates: Templates,
-    tokenizer,  # type: ignore[no-untyped-def]
+    tokenizer: PreTrainedTokenizerBase,
     budget: int,
 ) -> None:
     history = _job_history(templates, 60)
@@ -120,7 +123,9 @@ def test_history_is_cut_most_recent_first_to_the_token_budget(
     assert all(ids[: len(prefix_ids)] == prefix_ids for ids in prompts.token_ids)
 
 
-def test_budget_too_small_for_any_prompt_names_the_knob(templates: Templates, tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_budget_too_small_for_any_prompt_names_the_knob(
+    templates: Templates, tokenizer: PreTrainedTokenizerBase
+) -> None:
     verbalizer = Verbalizer(templates, tokenizer, max_context_tokens=40)
     with pytest.raises(ValueError, match="max_context_tokens=40"):
         verbalizer.verbalize(
@@ -128,7 +133,7 @@ def test_budget_too_small_for_any_prompt_names_the_knob(templates: Templates, to
         )
 
 
-def test_answers_are_single_tokens(templates: Templates, tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_answers_are_single_tokens(templates: Templates, tokenizer: PreTrainedTokenizerBase) -> None:
     yes, no = answer_token_ids(tokenizer, templates)
     assert yes != no
     assert tokenizer.decode([yes]) == templates.answer.yes and tokenizer.decode([no]) == templates.answer.no

@@ -30,7 +30,9 @@ def prompts(
     """Eval-period prompts: a few members with several candidates each (shared prefixes), both tasks."""
     text = EntityText(world, templates)
     verbalizer = Verbalizer(
-        templates, load_tokenizer(lora_artifact.adapter_dir), lora_artifact.max_context_tokens
+        templates,
+        load_tokenizer(lora_artifact.adapter_dir or lora_artifact.model_dir),
+        lora_artifact.max_context_tokens,
     )
     out: list[list[int]] = []
     for task in ("feed_like", "job_apply"):

@@ -31,7 +31,9 @@ def base_url(lora_training: Any, tiny_world: Path) -> Iterator[str]:
     client = _get_global_client()
     assert client is not None
     serve.run(
-        BrewScorer.bind(lora_training[1]["artifact"], str(tiny_world), {"backend": "vllm"}),
+        BrewScorer.bind(  # type: ignore[attr-defined]  # added by @serve.deployment
+            lora_training[1]["artifact"], str(tiny_world), {"backend": "vllm"}
+        ),
         name=APP,
         route_prefix=ROUTE,
     )
@@ -60,7 +62,8 @@ def test_brew_scorer_answers_over_http_with_the_offline_scores(
     task = templates.task("feed_like")
     items, actions, _ = member_history(world, member, np.iinfo(np.int64).max, task.history_mask)
     history = [HistoryEvent(text.item(int(i)), int(a)) for i, a in zip(items, actions, strict=True)]
-    verbalizer = Verbalizer(templates, load_tokenizer(artifact.adapter_dir), artifact.max_context_tokens)
+    tokenizer = load_tokenizer(artifact.adapter_dir or artifact.model_dir)
+    verbalizer = Verbalizer(templates, tokenizer, artifact.max_context_tokens)
     prompts = verbalizer.verbalize(
         "feed_like", text.member(member), history, [text.item(c) for c in candidates]
     )

@@ -9,6 +9,7 @@ import pytest
 
 from workloads.eval.metrics import (
     auc,
+    auc_standard_error,
     history_slice,
     hit_rate_at_k,
     log_loss,
@@ -69,3 +70,11 @@ def test_seen_items_per_row() -> None:
 )
 def test_history_slices(length: int, name: str) -> None:
     assert history_slice(length) == name
+
+
+def test_auc_standard_error_shrinks_with_data() -> None:
+    # A = 0.8, Q1 = A / (2 - A) = 2/3, Q2 = 2 A^2 / (1 + A) = 0.7111, 50 positives and 50 negatives:
+    # (0.16 + 49 (Q1 - 0.64) + 49 (Q2 - 0.64)) / 2500 = 0.0019804 -> SE 0.0445
+    assert auc_standard_error(0.8, 50, 50) == pytest.approx(0.0445, abs=1e-4)
+    assert auc_standard_error(0.8, 500, 500) < auc_standard_error(0.8, 50, 50)
+    assert math.isnan(auc_standard_error(0.8, 0, 10))
