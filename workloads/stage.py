@@ -29,7 +29,7 @@ def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def parse_config(model: type[C], argv: Sequence[str] | None = None, description: str | None = None) -> C:
-    """Build ``model`` from ``--config FILE``, ``--config-json STR`` and ``--set a.b=value`` (applied last)."""
+    """Build ``model`` from ``--config FILE``, ``--config-json STR``, then ``--set a.b=value`` overrides."""
     parser = argparse.ArgumentParser(description=description or model.__doc__)
     parser.add_argument("--config", type=Path, help="YAML or JSON file with the stage config")
     parser.add_argument("--config-json", help="the stage config as a JSON string (what the operator passes)")
