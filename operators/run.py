@@ -358,13 +358,14 @@ def describe_answer(body: Mapping[str, Any], answer: Mapping[str, Any]) -> list[
 
 
 def _scalars(summary: Mapping[str, Any], prefix: str = "", depth: int = 2) -> dict[str, Any]:
+    """The numbers and names of a stage summary, two levels deep, as dotted keys."""
     out: dict[str, Any] = {}
     for key, value in summary.items():
-        if key in ("config", "window", "preprocess", "history", "paths"):
-            continue
+        if key in ("config", "window", "preprocess", "history", "path"):
+            continue  # inputs echoed back, and per-split folders (the stage's folder is shown)
         if isinstance(value, Mapping) and depth > 1:
             out.update(_scalars(value, f"{prefix}{key}.", depth - 1))
-        elif isinstance(value, str | int | float | bool) and not isinstance(value, bool):
+        elif isinstance(value, str | int | float) and not isinstance(value, bool):
             out[f"{prefix}{key}"] = value
     return out
 
@@ -411,7 +412,8 @@ def _serve_port(dashboard: str, wanted: int) -> int:
 def _connect(options: RunOptions, record: Path, reporter: Reporter) -> tuple[str, EmbeddedRay | None]:
     """The dashboard to work through: --ray-address, the head a crashed run left, or a new head."""
     if options.ray_address:
-        return options.ray_address.rstrip("/"), None
+        address = options.ray_address.rstrip("/")
+        return (address if "://" in address else f"http://{address}"), None
     head = EmbeddedRay.reattach(record)
     if head is not None:
         reporter.line(f"rankray run: reattached to the Ray head a previous run left at {head.dashboard_url}")
