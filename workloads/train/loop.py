@@ -122,6 +122,7 @@ class RankingTask:
     """Ranking models: example rows -> ``RankingBatch``; loss from ``forward``; AUC / NE per task."""
 
     state_prefix = ""
+    find_unused_parameters = False
 
     def __init__(self, cfg: TrainConfig) -> None:
         assert cfg.world_dir is not None
@@ -209,6 +210,7 @@ class NextItemTask:
     """Retrievers: train on each user's training sequence, validate on the held-out next item (HR/NDCG@10)."""
 
     state_prefix = "model."
+    find_unused_parameters = True  # e.g. LiGR retrieval's action head when the data carries no actions
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
@@ -382,7 +384,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = build_any_model(cfg.model)
     groups = named_param_groups(model, task.state_prefix)
     module = task.build(model).to(device)
-    wrapped, _ = parallelize(module, cfg.strategy, cfg.shard_embeddings, device, cfg.embedding_shard_min_rows)
+    wrapped, _ = parallelize(
+        module,
+        cfg.strategy,
+        cfg.shard_embeddings,
+        device,
+        cfg.embedding_shard_min_rows,
+        task.find_unused_parameters,
+    )
     optimizer = make_optimizer(module, groups)
 
     finished_epochs, restored_digest = 0, ""

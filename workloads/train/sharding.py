@@ -115,10 +115,12 @@ def parallelize(
     shard_embeddings: bool,
     device: torch.device,
     embedding_min_rows: int = 1024,
+    find_unused_parameters: bool = False,
 ) -> tuple[nn.Module, list[str]]:
     """Wrap ``model`` (already on ``device``) for data-parallel training; returns (module to call, the
     names of column-sharded tables). FSDP2 shards in place, DDP wraps; either way parameter names of
-    ``model`` itself are unchanged, so optimizers can be built from ``model.named_parameters()``."""
+    ``model`` itself are unchanged, so optimizers can be built from ``model.named_parameters()``.
+    ``find_unused_parameters``: DDP must expect parameters that some steps do not use."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return model, []
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
@@ -138,7 +140,10 @@ def parallelize(
     # What ray.train.torch.prepare_model does on one device per worker, minus its Ray context lookup,
     # so this module also runs under torch.multiprocessing in tests.
     device_ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids), sharded
+    ddp = nn.parallel.DistributedDataParallel(
+        model, device_ids=device_ids, find_unused_parameters=find_unused_parameters
+    )
+    return ddp, sharded
 
 
 def full_model_state(model: nn.Module) -> dict[str, Tensor]:
