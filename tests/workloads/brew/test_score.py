@@ -68,7 +68,7 @@ def test_transformers_scores_are_the_two_token_softmax_whatever_the_batching(
     np.testing.assert_allclose(batched[:4], single, atol=1e-5)
     with torch.no_grad():
         logits = one.model(input_ids=torch.tensor([prompts[0]])).logits[0, -1]
-    pair = torch.softmax(logits[[base_artifact.yes_token_id, base_artifact.no_token_id]].double(), -1)
+    pair = torch.softmax(logits[[lora_artifact.yes_token_id, lora_artifact.no_token_id]].double(), -1)
     assert single[0] == pytest.approx(float(pair[0]), abs=1e-6)
 
 
