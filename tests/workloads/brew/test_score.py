@@ -13,9 +13,16 @@ from transformers import AutoModelForCausalLM
 
 from workloads.brew.artifact import BrewArtifact, load_artifact
 from workloads.brew.data import EntityText, Periods, World, history_events, impression_examples
-from workloads.brew.model import load_tokenizer
-from workloads.brew.prompts import Templates, Verbalizer
-from workloads.brew.score import ScorerConfig, TransformersScorer, VLLMScorer, make_scorer
+from workloads.brew.model import answer_token_ids, load_tokenizer
+from workloads.brew.prompts import DEFAULT_TEMPLATES, Templates, Verbalizer
+from workloads.brew.score import ScorerConfig, TransformersScorer, VLLMScorer, artifact_for_base, make_scorer
+
+
+@pytest.fixture(scope="module")
+def base_artifact(tiny_base: Path, templates: Templates) -> BrewArtifact:
+    """The untrained tiny base as an artifact: needs no training run."""
+    yes, no = answer_token_ids(load_tokenizer(tiny_base), templates)
+    return artifact_for_base(tiny_base, yes, no, DEFAULT_TEMPLATES, 256)
 
 
 @pytest.fixture(scope="module")
@@ -24,23 +31,20 @@ def lora_artifact(lora_training: Any) -> BrewArtifact:
 
 
 @pytest.fixture(scope="module")
-def prompts(
-    lora_artifact: BrewArtifact, world: World, templates: Templates, periods: Periods
-) -> list[list[int]]:
-    """Eval-period prompts: a few members with several candidates each (shared prefixes), both tasks."""
+def prompts(tiny_base: Path, world: World, templates: Templates, periods: Periods) -> list[list[int]]:
+    """Eval-period prompts: a few members with several candidates each (shared prefixes), both tasks.
+
+    Built with the tiny base's tokenizer, which every artifact trained from that base carries.
+    """
     text = EntityText(world, templates)
-    verbalizer = Verbalizer(
-        templates,
-        load_tokenizer(lora_artifact.adapter_dir or lora_artifact.model_dir),
-        lora_artifact.max_context_tokens,
-    )
+    verbalizer = Verbalizer(templates, load_tokenizer(tiny_base), 256)
     out: list[list[int]] = []
     for task in ("feed_like", "job_apply"):
         examples = impression_examples(
             world, templates, task, periods.eval_start, periods.eval_end, 3, seed=3
         )
         items = [
-            e.question_id for e in impression_examples(world, templates, task, 0, periods.eval_end, 6, seed=4)
+            e.question_id for e in impression_examples(world, templates, task, 0, periods.eval_end, 6, 4)
         ]
         for ex in examples:
             profile, history = text.member(ex.member_id), history_events(text, ex)
@@ -57,19 +61,23 @@ def vllm_scorer(lora_artifact: BrewArtifact) -> Iterator[VLLMScorer]:
     scorer.close()
 
 
-def test_transformers_scores_are_the_two_token_softmax_whatever_the_batching(
-    lora_artifact: BrewArtifact, prompts: list[list[int]]
-) -> None:
-    batched = TransformersScorer(lora_artifact, ScorerConfig(backend="transformers", batch_size=16)).score(
-        prompts
-    )
-    one = TransformersScorer(lora_artifact, ScorerConfig(backend="transformers", batch_size=1))
-    single = one.score(prompts[:4])
-    np.testing.assert_allclose(batched[:4], single, atol=1e-5)
+def _p_yes_one(model_dir: Path, artifact: BrewArtifact, prompt: list[int]) -> float:
+    """P(yes) of one prompt computed by hand: softmax over the two answer logits at the last position."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     with torch.no_grad():
-        logits = one.model(input_ids=torch.tensor([prompts[0]])).logits[0, -1]
-    pair = torch.softmax(logits[[lora_artifact.yes_token_id, lora_artifact.no_token_id]].double(), -1)
-    assert single[0] == pytest.approx(float(pair[0]), abs=1e-6)
+        logits = model(input_ids=torch.tensor([prompt])).logits[0, -1]
+    return float(torch.softmax(logits[[artifact.yes_token_id, artifact.no_token_id]].double(), -1)[0])
+
+
+def test_transformers_scores_are_the_two_token_softmax_whatever_the_batching(
+    base_artifact: BrewArtifact, prompts: list[list[int]], tiny_base: Path
+) -> None:
+    batched = TransformersScorer(base_artifact, ScorerConfig(backend="transformers", batch_size=16))
+    one = TransformersScorer(base_artifact, ScorerConfig(backend="transformers", batch_size=1))
+    all_at_once = batched.score(prompts)
+    single = one.score(prompts[:4])
+    np.testing.assert_allclose(all_at_once[:4], single, atol=1e-5)
+    assert single[0] == pytest.approx(_p_yes_one(tiny_base, base_artifact, prompts[0]), abs=1e-6)
 
 
 @pytest.mark.slow
@@ -79,12 +87,8 @@ def test_vllm_and_transformers_agree_on_a_lora_checkpoint(
     served = vllm_scorer.score(prompts)
     reference = TransformersScorer(lora_artifact, ScorerConfig(backend="transformers")).score(prompts)
     assert np.abs(served - reference).max() < 1e-2, np.abs(served - reference).max()
-    # The adapter is really applied: without it the same prompts score differently.
-    base = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
-    with torch.no_grad():
-        logits = base(input_ids=torch.tensor([prompts[0]])).logits[0, -1]
-    base_p = float(torch.softmax(logits[[lora_artifact.yes_token_id, lora_artifact.no_token_id]], -1)[0])
-    assert abs(base_p - served[0]) > 1e-2
+    # The adapter is really applied: without it the same prompt scores differently.
+    assert abs(_p_yes_one(tiny_base, lora_artifact, prompts[0]) - served[0]) > 1e-2
 
 
 @pytest.mark.slow
