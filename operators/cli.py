@@ -52,10 +52,17 @@ def data_synth(
     ] = None,
 ) -> None:
     """Generate the LinkedIn-like interaction world (members, items, sessions, impressions)."""
+    from pydantic import ValidationError
+
     from workloads.data.schema import data_root
     from workloads.data.synth import WorldConfig, generate
+    from workloads.stage import describe_validation_error
 
-    cfg = WorldConfig.model_validate({"members": members, "seed": seed, **_parse_overrides(overrides or [])})
+    fields = {"members": members, "seed": seed, **_parse_overrides(overrides or [])}
+    try:
+        cfg = WorldConfig.model_validate(fields)
+    except ValidationError as err:
+        raise typer.BadParameter(describe_validation_error(err), param_hint="--members/--seed/--set") from err
     _print_summary(generate(cfg, out or data_root() / "world"))
 
 

@@ -30,7 +30,7 @@ from tenacity import RetryError, retry, retry_if_result, stop_after_delay, wait_
 
 START_TIMEOUT_SECONDS = 180.0  # a loaded 2-core machine takes 20-60 s to bring up the head and its agents
 STOP_TIMEOUT_SECONDS = 10.0  # then SIGKILL: an ephemeral head has nothing to save
-START_ATTEMPTS = 3
+START_ATTEMPTS = 5  # each failed attempt costs ~20 s on an idle machine, ~90 s on a loaded one
 
 
 class EmbeddedRayError(RuntimeError):

@@ -50,9 +50,9 @@ STAGE_PHASE = {
 STAGE_MODULES: dict[tuple[ModelKind, Stage], str] = {
     (ModelKind.LIGR, Stage.PREPROCESS): "workloads.data.preprocess",
     (ModelKind.LIGR, Stage.TRAIN): "workloads.train",
-    (ModelKind.LIGR, Stage.EVALUATE): "workloads.eval",
+    (ModelKind.LIGR, Stage.EVALUATE): "workloads.eval.gate",
     (ModelKind.BREW, Stage.TRAIN): "workloads.brew.train",
-    (ModelKind.BREW, Stage.EVALUATE): "workloads.eval",
+    (ModelKind.BREW, Stage.EVALUATE): "workloads.eval.gate",
 }
 
 SERVE_APP_NAME = "ranking"
@@ -321,7 +321,7 @@ class GateVerdict(BaseModel):
 
 
 class EvaluationSummary(BaseModel):
-    """The last stdout line of `python -m workloads.eval` (a JSON object); the operator reads these keys."""
+    """The last stdout line of `python -m workloads.eval.gate` (a JSON object); the operator reads these keys."""
 
     model_config = ConfigDict(extra="ignore")
 

@@ -70,7 +70,7 @@ class ManifestError(ValueError):
 
 
 class RunFailed(RuntimeError):
-    """The model ended Failed, or the run gave up waiting; the message says why."""
+    """The run gave up: it timed out, the cluster stopped answering, or the endpoint answered an error."""
 
 
 @dataclass
@@ -440,7 +440,11 @@ def run(options: RunOptions, out: TextIO = sys.stdout) -> int:
         reporter.line(f"rankray run: invalid manifest:\n{err}")
         return 2
     folder = state_dir(manifest, storage)
-    state = open_state(manifest, folder / STATE_FILE, options.retry)
+    try:
+        state = open_state(manifest, folder / STATE_FILE, options.retry)
+    except ValueError as err:  # not JSON, or not a state this version writes
+        reporter.line(f"rankray run: {folder / STATE_FILE} is unreadable; delete it to start over:\n{err}")
+        return 2
     record = folder / CLUSTER_FILE
     previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` and `timeout` clean up as Ctrl-C does
     head: EmbeddedRay | None = None

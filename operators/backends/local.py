@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,6 +57,7 @@ VERSION_KEY = "rankray.io/version"
 STAGE_KEY = "rankray.io/stage"
 SERVE_PATH = "/api/serve/applications/"
 MAX_MESSAGE_CHARS = 1000  # a condition message quotes the end of a failure, not a 20,000-character log
+_ERROR_LINE = re.compile(r"\b(\w*Error|\w*Exception|errors?|invalid)\b")
 
 
 class ChildConflictError(RuntimeError):
@@ -178,11 +180,16 @@ def _shorten(text: str) -> str:
 
 
 def failure_message(message: str) -> str:
-    """Ray's failure message with the log tail it quotes cut down to its last lines."""
+    """Ray's failure message, with the log it quotes cut to the error: from the last line that names one
+    (a traceback's exception, pydantic's "N validation errors for Config") to the end."""
     headline, _, logs = (message or "").partition("last available logs")
     headline = headline.strip().rstrip(",:").strip()
-    tail = [line.strip() for line in logs.splitlines()[1:] if line.strip()][-3:]
-    return _shorten(": ".join(part for part in (headline, " | ".join(tail)) if part))
+    lines = [line.strip() for line in logs.splitlines()[1:] if line.strip()]
+    lines = [line for line in lines if not line.startswith("For further information visit")]
+    named = [index for index, line in enumerate(lines) if _ERROR_LINE.search(line)]
+    tail = lines[named[-1] :] if named else lines[-3:]
+    text = ": ".join(part for part in (headline, " | ".join(tail)) if part)
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[:MAX_MESSAGE_CHARS] + "..."
 
 
 def _normalized(value: Any) -> Any:

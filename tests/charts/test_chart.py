@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import socket
 import subprocess
@@ -276,13 +277,18 @@ def argv_the_container_runs(container: Manifest, scratch: Path) -> list[str]:
 
 @pytest.mark.parametrize("values_file", VALUES_FILES)
 def test_the_operator_cli_accepts_what_the_deployment_runs(
-    rendered: dict[str, list[Manifest]], values_file: str, tmp_path: Path
+    rendered: dict[str, list[Manifest]], values_file: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The chart and `rankray operator` are written separately; parse the real argv with the real CLI."""
+    """The chart and `rankray operator` are written separately; parse the real argv, with the ConfigMap's
+    environment and nothing else of this process's, with the real CLI."""
     import typer.main
 
     from operators.cli import app
 
+    for name in [name for name in os.environ if name.startswith("RANKRAY_")]:
+        monkeypatch.delenv(name)
+    for name, value in the_one(rendered[values_file], "ConfigMap")["data"].items():
+        monkeypatch.setenv(name, value)
     container = the_one(rendered[values_file], "Deployment")["spec"]["template"]["spec"]["containers"][0]
     argv = argv_the_container_runs(container, tmp_path)
     assert argv[0] == "operator"
@@ -292,6 +298,7 @@ def test_the_operator_cli_accepts_what_the_deployment_runs(
     assert (context.params["namespaces"] or []) == load_values(values_file).get("operator", {}).get(
         "watchNamespaces", []
     )
+    assert context.params["sync_interval"] == load_values(values_file)["operator"]["syncIntervalSeconds"]
 
 
 def free_port() -> int:

@@ -75,3 +75,14 @@ def test_operator_command_is_wired() -> None:
     result = runner.invoke(app, ["operator", "--help"])
     assert result.exit_code == 0
     assert "--namespace" in result.stdout and "--sync-interval" in result.stdout
+
+
+def test_synth_refuses_a_bad_override_naming_the_field(tmp_path: Path) -> None:
+    for override, expected in [
+        ("setwise_effect=abc", "setwise_effect: Input should be a valid number"),
+        ("nosuchfield=1", "nosuchfield: Extra inputs are not permitted"),
+    ]:
+        result = runner.invoke(app, ["data", "synth", "--out", str(tmp_path / "w"), "--set", override])
+        assert result.exit_code == 2, result.output  # a usage error, not a crash (exit 1)
+        assert expected in " ".join(result.stderr.replace("│", " ").split())
+    assert not (tmp_path / "w").exists(), "nothing is generated from a bad config"

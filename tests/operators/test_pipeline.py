@@ -27,6 +27,7 @@ from operators.pipeline import (
 from tests.operators.conftest import as_model
 from workloads.brew.train import BrewTrainConfig
 from workloads.data.preprocess import PreprocessConfig
+from workloads.eval.gate import GateStageConfig
 from workloads.models.config import LiGRConfig
 from workloads.serve.config import validate_config
 from workloads.serve.graph import GraphArgs, deployment_names
@@ -72,6 +73,11 @@ def test_ligr_stage_configs_are_accepted_by_the_workloads(window: dict[str, str]
         "serving loads what training publishes"
     )
     assert train.model.kind == "ligr" and train.model.setwise is True
+    evaluate = GateStageConfig.model_validate(
+        stage_config(model.spec, "feed-ligr", Stage.EVALUATE, version, version, resolve_storage)
+    )
+    assert evaluate.examples_dir == train.examples_dir and evaluate.artifact_dir == train.artifact_dir
+    assert evaluate.gate.task == "long_dwell" and evaluate.gate.reference_artifact_dir == train.artifact_dir
     assert (train.num_workers, train.use_gpu, train.strategy, train.max_failures) == (2, False, "ddp", 3)
     if window:
         assert str(preprocess.train_end).startswith("2026-03-01")
@@ -90,6 +96,11 @@ def test_brew_trains_straight_from_the_log_and_publishes_where_serving_looks() -
     )
     assert (train.num_workers, train.use_gpu, train.strategy) == (4, True, "fsdp2")
     assert str(train.split.train_end).startswith("2026-03-01")
+    evaluate = GateStageConfig.model_validate(
+        stage_config(model.spec, "jobs-brew", Stage.EVALUATE, version, None, resolve_storage)
+    )
+    assert evaluate.kind == "brew" and evaluate.artifact_dir == train.out_dir / "artifact"
+    assert evaluate.train_end is not None and evaluate.train_end.startswith("2026-03-01")
 
 
 @pytest.mark.parametrize("size", list(ModelSize))

@@ -13,8 +13,12 @@ Pipeline: read parquet -> hash-repartition by member (all of a member's events l
 -> ``map_batches(batch_size=None)`` that builds every example of a block at once with numpy (one
 sort, then contiguous ranges of the member's timeline; no Python loop per member or session) ->
 counters -> parquet under ``out_dir/{train,eval}/``, published atomically with a manifest. A
-per-member ``map_groups`` costs about 1 ms per group (docs/benchmarks.md), which is why it is not
-used. The same code runs on the local cluster (``ray_address: null``) or on a remote one.
+per-member ``map_groups`` with a Python loop ran about 200x slower (docs/benchmarks.md), which is
+why it is not used. The same code runs on a local cluster (``ray_address: null``) or on a remote
+one; there the world and output folders must be on storage every node sees (a shared volume).
+
+Counters need the whole log (item and actor popularity span all members), so every block reads one
+shared copy of it from the object store: fine for this world, not for a log larger than a node.
 """
 
 from __future__ import annotations

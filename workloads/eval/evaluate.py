@@ -242,13 +242,13 @@ def evaluate_artifact(artifact: LoadedArtifact, cfg: EvalConfig) -> dict[str, An
     return {**info, **ranking_metrics(score_examples(artifact, examples, cfg.world_dir, cfg.batch_size))}
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     if isinstance(value, float) and math.isnan(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -278,7 +278,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
             "candidate": _label(artifacts[0]),
             **apply_gate(cfg.gate, candidate, results[_label(baseline)]["overall"]),
         }
-    report = _json_safe(report)
+    report = json_safe(report)
     write_json_atomic(cfg.output, report)
     gate = report["gate"]
     return {

@@ -181,8 +181,8 @@ def test_every_child_passes_the_kuberay_controllers_own_checks(label: str, child
 
 def test_stage_entrypoints_run_the_workload_modules_with_the_pipelines_config() -> None:
     for label, modules in [
-        ("feed-ligr", ["workloads.data.preprocess", "workloads.train", "workloads.eval"]),
-        ("jobs-brew", ["workloads.brew.train", "workloads.eval"]),
+        ("feed-ligr", ["workloads.data.preprocess", "workloads.train", "workloads.eval.gate"]),
+        ("jobs-brew", ["workloads.brew.train", "workloads.eval.gate"]),
     ]:
         model = MODELS[label]
         planned = stages(model.spec.model.kind)

@@ -239,16 +239,28 @@ def test_a_failing_stage_surfaces_as_failed_with_its_message(head: EmbeddedRay, 
     assert condition.reason == "PreprocessFailed" and "impressions.parquet" in condition.message
 
 
-def test_failure_messages_keep_the_headline_and_the_last_log_lines() -> None:
-    message = (
-        "Job entrypoint command failed with exit code 1, last available logs (truncated to 20,000 chars):\n"
-        + "".join(f"noise {i}\n" for i in range(500))
-        + "Traceback (most recent call last):\n  File x\nValueError: column member_id is missing\n"
+def test_failure_messages_keep_the_headline_and_the_error_from_the_log() -> None:
+    headline = (
+        "Job entrypoint command failed with exit code {}, last available logs (truncated to 20,000 chars):\n"
     )
-    assert failure_message(message) == (
-        "Job entrypoint command failed with exit code 1: "
-        "Traceback (most recent call last): | File x | ValueError: column member_id is missing"
+    noise = "".join(f"noise {i}\n" for i in range(500))
+    traceback = (
+        'Traceback (most recent call last):\n  File "x.py", line 1\nValueError: column member_id is missing\n'
     )
+    assert failure_message(headline.format(1) + noise + traceback) == (
+        "Job entrypoint command failed with exit code 1: ValueError: column member_id is missing"
+    )
+    pydantic = (
+        "invalid EvalConfig:\n2 validation errors for EvalConfig\n"
+        "artifacts\n  Field required [type=missing]\n"
+        "    For further information visit https://errors.pydantic.dev/2/v/missing\n"
+        "kind\n  Extra inputs are not permitted [type=extra_forbidden]\n"
+    )
+    assert failure_message(headline.format(2) + noise + pydantic) == (
+        "Job entrypoint command failed with exit code 2: 2 validation errors for EvalConfig | artifacts | "
+        "Field required [type=missing] | kind | Extra inputs are not permitted [type=extra_forbidden]"
+    )
+    assert len(failure_message(headline.format(1) + "Error: " + "x" * 5000)) <= 1003
 
 
 def test_storage_uris_resolve_through_mounts_and_unmounted_claims_are_refused(tmp_path: Path) -> None:

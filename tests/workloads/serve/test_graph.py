@@ -257,7 +257,7 @@ def test_a_feature_store_outage_answers_503_with_a_reason_not_a_hang(service: Se
 
 
 def test_a_schema_driven_fuzzer_finds_no_server_errors(service: Service) -> None:
-    schemathesis = pytest.importorskip("schemathesis")
+    import schemathesis
     from hypothesis import HealthCheck, Phase, given, settings
     from schemathesis.checks import not_a_server_error
     from schemathesis.specs.openapi.checks import (
