@@ -105,11 +105,19 @@ def features_apply(
 @features_app.command("materialize")
 def features_materialize(
     repo: Annotated[Path, typer.Option(help="Feast repo folder.")] = Path("feature_repo"),
+    services: Annotated[
+        list[str] | None,
+        typer.Option("--service", help="Only the views of this feature service (repeatable); default: all."),
+    ] = None,
 ) -> None:
-    """Materialize every feature view up to the end of the world into the online store."""
+    """Materialize feature views up to the end of the world into the online store."""
     from workloads.data.features import materialize
 
-    _print_summary(materialize(repo))
+    try:
+        summary = materialize(repo, services)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--service") from err
+    _print_summary(summary)
 
 
 @app.command("crd")

@@ -325,13 +325,26 @@ def offline_session() -> Iterator[None]:
             ibis.options.default_backend = None
 
 
-def materialize(repo: Path) -> dict[str, Any]:
-    """Load every feature view's latest rows into the online store, over the whole span of its table."""
+def materialize(repo: Path, services: list[str] | None = None) -> dict[str, Any]:
+    """Load feature views' latest rows into the online store, over the whole span of their tables.
+
+    With ``services``, only the views those feature services read: a serving deployment needs its own
+    model's features online, and the daily counter snapshots are most of the materialization time.
+    """
     began = time.perf_counter()
     store = feature_store(repo)
     views = store.list_feature_views()
     if not views:
         raise ValueError(f"no feature views registered for project {store.project!r}: run apply first")
+    if services:
+        known = {service.name: service for service in store.list_feature_services()}
+        unknown = sorted(set(services) - set(known))
+        if unknown:
+            raise ValueError(
+                f"feature service(s) {unknown} are not registered; expected some of {sorted(known)}"
+            )
+        wanted = {p.name for name in services for p in known[name].feature_view_projections}
+        views = [view for view in views if view.name in wanted]
     spans = {}
     for view in views:
         stamps = pq.read_table(view.batch_source.path, columns=["event_timestamp"])["event_timestamp"]

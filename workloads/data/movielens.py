@@ -17,6 +17,8 @@ Outputs (published atomically, with ``manifest.json``):
   item id) are split leave-one-out: the last is the test target, the second last the validation
   target, the rest the training sequence. Users with fewer than 3 ratings keep all of them for
   training and have no targets (MovieLens-100K has none: every user rated at least 20 movies).
+  The training events and the validation target carry their action bitmasks (click, plus like for a
+  rating of 4 or more), so a model that interleaves action tokens reads the member's outcomes.
 - ``items.parquet`` and ``users.parquet``: movie titles, years and genres; user demographics.
 """
 
@@ -60,8 +62,10 @@ SPLIT = pa.schema(
         ("member_id", pa.int64()),
         ("train_item_ids", pa.list_(pa.int64())),  # time order
         ("train_timestamps", pa.list_(pa.int64())),  # us since the epoch
+        ("train_actions", pa.list_(pa.int16())),  # `Action` bitmask of each training event
         ("valid_item_id", pa.int64()),  # null for users with fewer than 3 ratings
         ("valid_timestamp", pa.int64()),
+        ("valid_actions", pa.int16()),
         ("test_item_id", pa.int64()),
         ("test_timestamp", pa.int64()),
     ]
@@ -131,6 +135,12 @@ def _items(raw: pd.DataFrame, first_rating_us: pd.Series) -> pd.DataFrame:
     )
 
 
+def rating_actions(rating: np.ndarray) -> np.ndarray:
+    """`Action` bitmask of each rating: every rating is a click, a rating of 4 or more also a like."""
+    like = np.asarray(rating) >= LIKE_THRESHOLD
+    return ((1 << Action.CLICK) | (like.astype(np.int16) << Action.LIKE)).astype(np.int16)
+
+
 def _impressions(ratings: pd.DataFrame, items: pd.DataFrame) -> pa.Table:
     """Ratings (sorted by member and time) in the impression-log contract, plus the rating."""
     n = len(ratings)
@@ -159,7 +169,8 @@ def _impressions(ratings: pd.DataFrame, items: pd.DataFrame) -> pa.Table:
 def leave_one_out(ratings: pd.DataFrame) -> pa.Table:
     """Per user: training sequence, validation target (second last), test target (last); schema `SPLIT`.
 
-    ``ratings`` must be sorted by member, then time (the order the targets are taken in).
+    ``ratings`` (member_id, item_id, ts_us, rating) must be sorted by member, then time (the order the
+    targets are taken in).
     """
     member = ratings["member_id"].to_numpy()
     users, first, count = np.unique(member, return_index=True, return_counts=True)
@@ -169,21 +180,28 @@ def leave_one_out(ratings: pd.DataFrame) -> pa.Table:
     is_train = rank < np.repeat(n_train, count)
     offsets = pa.array(np.concatenate([[0], np.cumsum(n_train)]).astype(np.int32))
     item, ts = ratings["item_id"].to_numpy(), ratings["ts_us"].to_numpy()
+    actions = rating_actions(ratings["rating"].to_numpy())
 
-    def target(back: int) -> tuple[pa.Array, pa.Array]:
+    def target(back: int) -> tuple[pa.Array, pa.Array, pa.Array]:
         at = first + count - back
         mask = ~has_targets
-        return pa.array(item[at], pa.int64(), mask=mask), pa.array(ts[at], pa.int64(), mask=mask)
+        return (
+            pa.array(item[at], pa.int64(), mask=mask),
+            pa.array(ts[at], pa.int64(), mask=mask),
+            pa.array(actions[at], pa.int16(), mask=mask),
+        )
 
-    valid_item, valid_ts = target(2)
-    test_item, test_ts = target(1)
+    valid_item, valid_ts, valid_actions = target(2)
+    test_item, test_ts, _ = target(1)  # the test target's outcome is never model input
     return pa.table(
         [
             pa.array(users, pa.int64()),
             pa.ListArray.from_arrays(offsets, pa.array(item[is_train], pa.int64())),
             pa.ListArray.from_arrays(offsets, pa.array(ts[is_train], pa.int64())),
+            pa.ListArray.from_arrays(offsets, pa.array(actions[is_train], pa.int16())),
             valid_item,
             valid_ts,
+            valid_actions,
             test_item,
             test_ts,
         ],

@@ -167,14 +167,23 @@ def read_catalog(movielens_dir: Path) -> np.ndarray:
     return np.sort(pq.read_table(movielens_dir / "items.parquet", columns=["item_id"]).column(0).to_numpy())
 
 
-def _test_sequences(split: pa.Table) -> Iterator[tuple[np.ndarray, int]]:
-    """(history, target) per user: the training sequence plus the validation item, then the test item."""
-    train = split.column("train_item_ids").to_pylist()
-    valid = split.column("valid_item_id").to_pylist()
-    test = split.column("test_item_id").to_pylist()
-    for items, v, t in zip(train, valid, test, strict=True):
+def _test_sequences(split: pa.Table) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    """(history, its action bitmasks, target) per user: the training sequence plus the validation item,
+    then the test item."""
+    columns = ("train_item_ids", "train_actions", "valid_item_id", "valid_actions", "test_item_id")
+    missing = [c for c in columns if c not in split.column_names]
+    if missing:
+        raise ValueError(f"split.parquet: missing columns {missing} (re-run workloads.data.movielens)")
+    train, train_actions, valid, valid_actions, test = (split.column(c).to_pylist() for c in columns)
+    for items, actions, v, v_actions, t in zip(
+        train, train_actions, valid, valid_actions, test, strict=True
+    ):
         if v is not None and t is not None:
-            yield np.asarray([*items, v], dtype=np.int64), int(t)
+            yield (
+                np.asarray([*items, v], dtype=np.int64),
+                np.asarray([*actions, v_actions], dtype=np.int64),
+                int(t),
+            )
 
 
 @torch.no_grad()
@@ -188,9 +197,11 @@ def retrieval_ranks(artifact: LoadedArtifact, movielens_dir: Path, batch_size: i
     ranks = []
     for start in range(0, len(users), batch_size):
         chunk = users[start : start + batch_size]
-        sequences = collate_sequences([history for history, _ in chunk], max_len)
+        sequences = collate_sequences(
+            [history for history, _, _ in chunk], max_len, actions=[actions for _, actions, _ in chunk]
+        )
         scores = (model.user_embedding(sequences) @ item_vectors.T).numpy()  # type: ignore[operator]
-        targets = np.searchsorted(catalog, [target for _, target in chunk])
+        targets = np.searchsorted(catalog, [target for _, _, target in chunk])
         seen = seen_items(catalog, sequences.item_id.numpy(), sequences.mask.numpy())
         ranks.append(target_ranks(scores, targets, exclude=seen))
     return np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64)

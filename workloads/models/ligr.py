@@ -641,8 +641,12 @@ class LiGRRetrieval(NextItemModel):
             )
             x = self.dropout(items)
         else:
-            actions = batch.actions if batch.actions is not None else items.new_zeros((B, L, N_ACTIONS))
-            x = self.dropout(torch.stack([items, items + self.actions(actions)], dim=2).flatten(1, 2))
+            if batch.actions is None:  # zeros would silently train and score on "no outcome" everywhere
+                raise ValueError(
+                    "batch.actions: interleave_actions=True needs each event's action bitmask "
+                    "(collate_sequences(..., actions=...)); or build the model with interleave_actions=False"
+                )
+            x = self.dropout(torch.stack([items, items + self.actions(batch.actions)], dim=2).flatten(1, 2))
         mask = AttentionMask(layout.historical(), layout)
         for block in self.member_blocks:
             x = block(x, mask)

@@ -18,40 +18,28 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
+
+from workloads.stage import describe_validation_error, raw_config
 
 
 def _render(args_file: Path, overrides: list[str], host: str, port: int) -> str:
     from workloads.serve.config import serve_config, to_yaml
     from workloads.serve.graph import GraphArgs
 
-    raw: dict[str, Any] = yaml.safe_load(args_file.read_text()) or {}
-    for pair in overrides:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
-        *parents, leaf = key.split(".")  # task_weights.click=2
-        target = raw
-        for parent in parents:
-            target = target.setdefault(parent, {})
-        target[leaf] = yaml.safe_load(value)
+    raw = raw_config(args_file, overrides=overrides, option="--render")  # --set task_weights.click=2
     for key in ("artifact_uri", "feature_repo", "llm_artifact_uri", "world_dir"):
-        if raw.get(key):  # replicas do not share this shell's working directory
+        if isinstance(raw.get(key), str) and raw[key]:  # replicas do not share this shell's working directory
             raw[key] = str(Path(raw[key]).resolve())
-    try:
-        graph_args = GraphArgs.model_validate(raw)
-    except ValidationError as err:
-        raise SystemExit(f"invalid GraphArgs in {args_file}:\n{err}") from None
+    graph_args = GraphArgs.model_validate(raw)
     return to_yaml(serve_config(graph_args, http_host=host, http_port=port))
 
 
-def _deploy(config_file: Path, address: str | None, detach: bool, num_cpus: int) -> None:
+def _deploy(config: dict[str, Any], address: str | None, detach: bool, num_cpus: int) -> None:
     import ray
 
-    from workloads.serve.config import deploy, load_config
+    from workloads.serve.config import deploy
 
-    config = load_config(config_file)
     if address is None and detach:
         raise SystemExit("--detach needs --address: a cluster started here ends with this process")
     if address is None:
@@ -91,10 +79,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--detach", action="store_true", help="return once deployed (needs --address)")
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of a cluster started here")
     args = parser.parse_args(argv)
-    if args.render is not None:
-        sys.stdout.write(_render(args.render, args.set, args.host, args.port))
-    else:
-        _deploy(args.config, args.address, args.detach, args.num_cpus)
+    from workloads.serve.config import validate_config
+
+    try:  # a bad file or value is a usage error naming the option or field, not a traceback
+        if args.render is not None:
+            sys.stdout.write(_render(args.render, args.set, args.host, args.port))
+            return
+        config = validate_config(raw_config(args.config))
+    except ValidationError as err:
+        parser.exit(2, f"{parser.prog}: invalid {err.title}:\n{describe_validation_error(err)}\n")
+    except ValueError as err:
+        parser.error(str(err))
+    _deploy(config, args.address, args.detach, args.num_cpus)
 
 
 if __name__ == "__main__":

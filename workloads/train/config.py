@@ -57,6 +57,7 @@ class TrainConfig(BaseModel):
     batch_size: PositiveInt = Field(64, description="rows (sessions) per worker per step")
     eval_batch_size: PositiveInt = 256
     grad_clip: PositiveFloat | None = Field(1.0, description="max gradient norm; None disables clipping")
+    progress_seconds: PositiveFloat = Field(30.0, description="rank 0 logs step, loss, events/s this often")
     seed: int = 0
     # how it is spread
     num_workers: PositiveInt = 2

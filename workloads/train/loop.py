@@ -210,7 +210,7 @@ class NextItemTask:
     """Retrievers: train on each user's training sequence, validate on the held-out next item (HR/NDCG@10)."""
 
     state_prefix = "model."
-    find_unused_parameters = True  # e.g. LiGR retrieval's action head when the data carries no actions
+    find_unused_parameters = True  # e.g. LiGR retrieval's action head when action_loss_weight is 0
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
@@ -225,10 +225,11 @@ class NextItemTask:
         for rows in shard.iter_batches(
             batch_size=batch_size, batch_format="numpy", **_shuffle(batch_size, seed)
         ):
+            # the events' outcomes ride along: LiGR retrieval interleaves them as action tokens
+            batch = collate_sequences(rows["train_item_ids"], max_len, actions=rows["train_actions"])
             if training:
-                yield collate_sequences(rows["train_item_ids"], max_len)
+                yield batch
             else:  # the validation target follows the training sequence
-                batch = collate_sequences(rows["train_item_ids"], max_len)
                 yield batch, np.asarray(rows["valid_item_id"], dtype=np.int64)
 
     @staticmethod
@@ -296,7 +297,7 @@ def train_epoch(
 ) -> dict[str, float]:
     wrapped.train()
     loss_sum, steps, events = 0.0, 0, 0
-    began = time.perf_counter()
+    began = last_progress = time.perf_counter()
     for batch in batches:
         batch = batch.to(device)
         with _autocast(cfg, device):
@@ -310,6 +311,14 @@ def train_epoch(
         steps += 1
         events += task.events(batch)
         _maybe_crash(cfg, epoch, rank)
+        if rank == 0 and time.perf_counter() - last_progress >= cfg.progress_seconds:
+            last_progress = time.perf_counter()
+            elapsed = last_progress - began
+            print(  # the job log the operator and `rankray run` stream: the run is alive and how fast it goes
+                f"epoch {epoch}/{cfg.epochs} step {steps}: loss {loss_sum / steps:.4f}, "
+                f"{events / elapsed:,.0f} events/s on this worker, {elapsed:.0f} s",
+                flush=True,
+            )
     seconds = time.perf_counter() - began
     totals = torch.tensor([loss_sum, steps, events], dtype=torch.float64)
     if dist.is_initialized():

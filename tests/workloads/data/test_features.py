@@ -337,3 +337,25 @@ def test_redis_online_store_serves_the_same_values(
         np.testing.assert_array_equal(
             online.item_features(items)["content_emb"], feast_world.online.item_features(items)["content_emb"]
         )
+
+
+def test_materializing_one_feature_service_loads_only_its_views(
+    feast_world: FeastWorld, tmp_path: Path
+) -> None:
+    """What a serving deployment needs online, without the counter snapshots it does not read."""
+    repo, env = fresh_store(feast_world, tmp_path)
+    with pytest.MonkeyPatch.context() as menv, offline_session():
+        menv.setenv("RANKRAY_DATA_DIR", env["RANKRAY_DATA_DIR"])
+        apply(repo)
+        with pytest.raises(ValueError, match=r"\['nope_v1'\] are not registered; expected some of"):
+            materialize(repo, ["nope_v1"])
+        assert materialize(repo, ["ligr_v1"])["feature_views"] == ["item_features", "member_history"]
+        members = feast_world.impressions["member_id"].unique()[:3].tolist()
+        online = OnlineFeatures(repo)
+        for name in HISTORY_ARRAYS:
+            for got, want in zip(
+                online.member_history(members)[name],
+                feast_world.online.member_history(members)[name],
+                strict=True,
+            ):
+                np.testing.assert_array_equal(got, want)

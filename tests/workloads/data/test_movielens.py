@@ -81,12 +81,20 @@ def test_leave_one_out_targets_are_each_users_latest_ratings(
 
 def test_users_with_fewer_than_three_ratings_have_no_targets() -> None:
     ratings = pd.DataFrame(
-        {"member_id": [1, 1, 2, 2, 2], "item_id": [10, 11, 20, 21, 22], "ts_us": [1, 2, 1, 2, 3]}
+        {
+            "member_id": [1, 1, 2, 2, 2],
+            "item_id": [10, 11, 20, 21, 22],
+            "ts_us": [1, 2, 1, 2, 3],
+            "rating": [5, 2, 3, 4, 1],
+        }
     )
     split = movielens.leave_one_out(ratings).to_pandas()
     short, full = split.iloc[0], split.iloc[1]
     assert list(short["train_item_ids"]) == [10, 11] and pd.isna(short["test_item_id"])
     assert list(full["train_item_ids"]) == [20] and (full["valid_item_id"], full["test_item_id"]) == (21, 22)
+    # action bitmasks: every rating a click (bit 0), 4+ also a like (bit 1)
+    assert list(short["train_actions"]) == [3, 1] and pd.isna(short["valid_actions"])
+    assert list(full["train_actions"]) == [1] and full["valid_actions"] == 3
 
 
 def test_cached_wheel_is_reused_without_pip(

@@ -25,7 +25,7 @@ from workloads.eval.evaluate import (
 )
 from workloads.eval.metrics import auc
 from workloads.models.batch import collate_sequences
-from workloads.models.config import DCNv2Config, LiGRConfig, SASRecConfig
+from workloads.models.config import DCNv2Config, LiGRConfig, LiGRRetrievalConfig, SASRecConfig
 from workloads.models.registry import build_model, build_retrieval_model
 from workloads.train.artifact import feature_spec, load_artifact, save_artifact
 
@@ -127,8 +127,10 @@ def fake_movielens(folder: Path) -> Path:
                 "member_id": pa.array([1, 2, 3], pa.int64()),
                 "train_item_ids": pa.array([[1, 2, 3], [4, 5], [6]], pa.list_(pa.int64())),
                 "train_timestamps": pa.array([[1, 2, 3], [1, 2], [1]], pa.list_(pa.int64())),
+                "train_actions": pa.array([[1, 3, 1], [3, 3], [1]], pa.list_(pa.int16())),
                 "valid_item_id": pa.array([7, 8, 9], pa.int64()),
                 "valid_timestamp": pa.array([4, 3, 2], pa.int64()),
+                "valid_actions": pa.array([3, 1, 1], pa.int16()),
                 "test_item_id": pa.array([10, 11, 12], pa.int64()),
                 "test_timestamp": pa.array([5, 4, 3], pa.int64()),
             }
@@ -154,3 +156,24 @@ def test_retrieval_ranks_the_test_item_against_unseen_items(tmp_path: Path) -> N
     expected = sum(float(scores[i - 1]) >= float(scores[10 - 1]) for i in unseen)
     assert ranks[0] == expected
     assert len(ranks) == 3 and (ranks < 20 - 2).all()
+
+
+def test_ligr_retrieval_reads_the_history_outcomes(tmp_path: Path) -> None:
+    """LiGR retrieval interleaves action tokens: the user state must come from the split's real outcomes
+    (train + validation events), and a different outcome changes it."""
+    movielens = fake_movielens(tmp_path / "ml")
+    cfg = LiGRRetrievalConfig(d_model=8, n_heads=2, n_layers=1, max_len=8, item_hash_size=101, dropout=0.0)
+    torch.manual_seed(0)
+    model = build_retrieval_model(cfg).eval()
+    path = save_artifact(tmp_path / "ligr" / "v1", model.state_dict(), cfg, name="ligr", version=1)
+    ranks = retrieval_ranks(load_artifact(path), movielens)
+
+    def scores(actions: list[int]) -> torch.Tensor:
+        history = collate_sequences([np.array([1, 2, 3, 7])], 8, actions=[np.array(actions)])
+        with torch.no_grad():
+            return model.item_embedding(torch.arange(1, 21)) @ model.user_embedding(history)[0]
+
+    real = scores([1, 3, 1, 3])  # user 0's click / click+like bitmasks, validation event last
+    assert not torch.allclose(real, scores([1, 1, 1, 1]))
+    unseen = [i for i in range(1, 21) if i not in (1, 2, 3, 7, 10)]
+    assert ranks[0] == sum(float(real[i - 1]) >= float(real[10 - 1]) for i in unseen)

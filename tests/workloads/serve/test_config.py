@@ -141,3 +141,23 @@ def test_the_operators_serve_config_is_valid_graph_args(artifact: Path) -> None:
     graph = GraphArgs.model_validate(config["applications"][0]["args"])
     listed = {d["name"] for d in config["applications"][0]["deployments"]}
     assert listed <= set(deployment_names(graph))
+
+
+def test_the_cli_refuses_bad_input_naming_the_field(
+    artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args_file = tmp_path / "args.yaml"
+    args_file.write_text(yaml.safe_dump({"artifact_uri": str(artifact), "feature_repo": "feature_repo"}))
+    cases = [
+        (["--render", str(args_file), "--set", "setwise_top_k=many"], "setwise_top_k: Input should be"),
+        (["--render", str(args_file), "--set", "setwise_top_k.x=1"], "setwise_top_k"),
+        (["--render", str(args_file), "--set", "name=x", "--set", "name.y=1"], "name is 'x', not a section"),
+        (["--render", str(tmp_path / "missing.yaml")], "--render"),
+        (["--config", str(tmp_path / "missing.yaml")], "--config"),
+        (["--config", str(args_file)], "invalid ServeDeploySchema:\napplications: Field required"),
+    ]
+    for argv, expected in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            serve_main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and expected in err, (argv, err)
