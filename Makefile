@@ -42,7 +42,7 @@ demo: $(STAMP)
 	echo "  outputs: data/world (world + features), data/feast (registry, online store), data/artifacts/models/feed-ligr"
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=20 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

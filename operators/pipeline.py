@@ -321,7 +321,7 @@ class GateVerdict(BaseModel):
 
 
 class EvaluationSummary(BaseModel):
-    """The last stdout line of `python -m workloads.eval.gate` (a JSON object); the operator reads these keys."""
+    """The last stdout line of `python -m workloads.eval.gate` (a JSON object); the operator reads it."""
 
     model_config = ConfigDict(extra="ignore")
 

@@ -94,7 +94,7 @@ class GateMetric(StrEnum):
 
 
 class GateReference(StrEnum):
-    BASELINE = "baseline"  # the production-style baseline model, trained and scored on the same data
+    BASELINE = "baseline"  # the classic ranker, fit and scored on the same data (workloads.eval.gate)
     SERVED = "served"  # the version serving now (falls back to the baseline when nothing serves yet)
 
 
@@ -325,7 +325,8 @@ class EvaluationGate(_Api):
     )
     against: GateReference = Field(
         GateReference.SERVED,
-        description="baseline: the production-style baseline; served: the version serving now "
+        description="baseline: the classic ranker fit on the same training window (LiGR: logistic "
+        "regression over the hand-crafted counters; 360Brew: popularity); served: the version serving now "
         "(the baseline while nothing serves).",
     )
 

@@ -175,9 +175,7 @@ def _test_sequences(split: pa.Table) -> Iterator[tuple[np.ndarray, np.ndarray, i
     if missing:
         raise ValueError(f"split.parquet: missing columns {missing} (re-run workloads.data.movielens)")
     train, train_actions, valid, valid_actions, test = (split.column(c).to_pylist() for c in columns)
-    for items, actions, v, v_actions, t in zip(
-        train, train_actions, valid, valid_actions, test, strict=True
-    ):
+    for items, actions, v, v_actions, t in zip(train, train_actions, valid, valid_actions, test, strict=True):
         if v is not None and t is not None:
             yield (
                 np.asarray([*items, v], dtype=np.int64),

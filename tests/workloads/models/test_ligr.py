@@ -381,15 +381,14 @@ def test_retrieval_learns_next_item_and_ranks_the_catalog() -> None:
     hits = (scores.topk(10, dim=1).indices == torch.tensor([s[-1] for s in test])[:, None]).any(dim=1)
     assert hits.float().mean() > 0.8
     with pytest.raises(ValueError, match="candidate_ids"):
-        net.loss(
-            collate_sequences(walks(2), actions=[np.ones(10, dtype=np.int64)] * 2), candidate_ids=torch.arange(3)
-        )
+        batch = collate_sequences(walks(2), actions=[np.ones(10, dtype=np.int64)] * 2)
+        net.loss(batch, candidate_ids=torch.arange(3))
 
 
 def test_retrieval_with_action_tokens_refuses_sequences_without_actions() -> None:
     """Zeros in place of missing outcomes would train and score a different model than the data's."""
     sequences = collate_sequences([np.array([3, 9, 4]), np.array([5, 2])])
-    with pytest.raises(ValueError, match="batch.actions"):
+    with pytest.raises(ValueError, match=r"batch\.actions"):
         retrieval(interleave_actions=True).member_states(sequences)
     _, users = retrieval(interleave_actions=False).member_states(sequences)
     assert users.shape[:2] == (2, 3)
