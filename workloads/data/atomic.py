@@ -37,15 +37,15 @@ def _remove_stale_temps(out_dir: Path) -> None:
 
 
 @contextmanager
-def atomic_dir(out_dir: Path) -> Iterator[Path]:
+def atomic_dir(out_dir: Path, manifest: str = MANIFEST) -> Iterator[Path]:
     """Yield an empty temp folder; when the block exits cleanly it replaces ``out_dir`` in one swap.
 
-    The block must write ``manifest.json`` into the folder: an existing ``out_dir`` is only ever
-    replaced if it is empty or holds a manifest, so a wrong path cannot wipe unrelated files.
+    The block must write ``manifest`` into the folder: an existing ``out_dir`` is only ever replaced
+    if it is empty or holds one, so a wrong path cannot wipe unrelated files.
     """
     out_dir = Path(out_dir).resolve()
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
-        raise FileExistsError(f"out_dir {out_dir} exists and holds no {MANIFEST}; refusing to replace it")
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / manifest).is_file():
+        raise FileExistsError(f"out_dir {out_dir} exists and holds no {manifest}; refusing to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(out_dir)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -53,8 +53,8 @@ def atomic_dir(out_dir: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        if not (tmp / MANIFEST).is_file():
-            raise RuntimeError(f"refusing to publish {out_dir}: the writer left no {MANIFEST}")
+        if not (tmp / manifest).is_file():
+            raise RuntimeError(f"refusing to publish {out_dir}: the writer left no {manifest}")
         if out_dir.exists():
             old = out_dir.parent / f".{out_dir.name}.tmp-{tag}-old"
             os.replace(out_dir, old)

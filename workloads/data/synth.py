@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -33,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
+from workloads.data.atomic import atomic_dir
 from workloads.data.schema import (
     ACTORS,
     CONTENT_DIM,
@@ -1070,36 +1068,13 @@ def _impressions_table(log: Log, view: ItemView, actions: dict[Action, np.ndarra
 
 
 # --- Writing: the whole world appears at once or not at all ---------------------------------------------
-def _is_replaceable(path: Path) -> bool:
-    """Only an empty folder or an earlier world may be replaced (never, say, a home directory)."""
-    return path.is_dir() and (not any(path.iterdir()) or (path / "world.json").is_file())
-
-
 def _write_world(out_dir: Path, tables: dict[str, pa.Table], meta: dict[str, Any]) -> None:
-    """Write into a sibling temp folder, then swap it in: a crash leaves the previous world (or none)."""
-    if out_dir.exists() and not _is_replaceable(out_dir):
-        raise FileExistsError(
-            f"out_dir {out_dir} exists and is not a world folder (no world.json); not replacing it"
-        )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    """Swap the whole world in at once: a crash leaves the previous world (or none). Only an empty
+    folder or an earlier world (``world.json``) is ever replaced, never, say, a home directory."""
+    with atomic_dir(out_dir, manifest="world.json") as tmp:
         for name, table in tables.items():
             pq.write_table(table, tmp / f"{name}.parquet")
         (tmp / "world.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if out_dir.exists():
-            old = tmp.with_suffix(".old")
-            os.replace(out_dir, old)
-            try:
-                os.replace(tmp, out_dir)
-            except BaseException:
-                os.replace(old, out_dir)
-                raise
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _rates(log: Log, actions: dict[Action, np.ndarray]) -> dict[str, float]:

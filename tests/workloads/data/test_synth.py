@@ -421,6 +421,6 @@ def test_a_new_world_replaces_the_old_one_but_never_a_foreign_folder(tmp_path: P
     foreign = tmp_path / "home"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="not a world folder"):
+    with pytest.raises(FileExistsError, match=r"holds no world\.json"):
         generate(WorldConfig(members=30, seed=1), foreign)
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
