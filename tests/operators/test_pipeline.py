@@ -68,7 +68,7 @@ def test_ligr_stage_configs_are_accepted_by_the_workloads(window: dict[str, str]
         == Path("/mnt/pvc/rankray-artifacts/models/feed-ligr/work/v4/examples")
     )
     assert isinstance(train.model, LiGRConfig)
-    assert preprocess.max_history == train.model.max_history == 256
+    assert preprocess.max_history == train.model.max_history == model.spec.model.history_length == 64
     assert str(train.artifact_dir) == resolve_storage(version.artifact_uri), (
         "serving loads what training publishes"
     )
