@@ -19,11 +19,12 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationInfo,
+    field_serializer,
     field_validator,
     model_validator,
 )
 
-from workloads.data.schema import CONTENT_DIM
+from workloads.data.schema import CONTENT_DIM, COUNTER_FEATURES
 
 Feature = Literal["item_id", "actor_id", "post_type", "age_bucket", "content"]
 ALL_FEATURES: frozenset[Feature] = frozenset({"item_id", "actor_id", "post_type", "age_bucket", "content"})
@@ -61,6 +62,10 @@ class SequenceRankerConfig(_Optim):
     max_tokens: PositiveInt = 1024  # the sequence the attention kernels are sized for (paper: up to 2,048)
     # features of an item token (LiGR Tables 2-3); the paper beats production with at most 7
     use_features: frozenset[Feature] = ALL_FEATURES
+    # "top features of the DLRM model" the candidate token also reads (5.4: with too few features the
+    # model suffers from item cold start); history tokens have no counters (they are point-in-time at
+    # the target session), so these enter the candidate tokens only
+    candidate_counters: tuple[str, ...] = ()
     item_hash_size: PositiveInt = 100_003  # collision-based table (paper: 33M rows for 150M ids)
     actor_hash_size: PositiveInt = 20_011
     id_dim: PositiveInt = 32  # paper: 64
@@ -96,6 +101,21 @@ class SequenceRankerConfig(_Optim):
                 f"{2 * history + candidates} tokens exceeds max_tokens={max_tokens}"
             )
         return max_tokens
+
+    @field_serializer("use_features", when_used="json")
+    def _sorted_features(self, features: frozenset[Feature]) -> list[str]:
+        """A set has no order; sorted, equal configs dump to equal JSON (artifacts, cache keys)."""
+        return sorted(features)
+
+    @field_validator("candidate_counters")
+    @classmethod
+    def _known_counters(cls, counters: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [c for c in counters if c not in COUNTER_FEATURES]
+        if unknown or len(set(counters)) != len(counters):
+            raise ValueError(
+                f"candidate_counters: {list(counters)} must be distinct names of {COUNTER_FEATURES}"
+            )
+        return counters
 
     @model_validator(mode="after")
     def _has_item_features(self) -> SequenceRankerConfig:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from workloads.data.schema import N_AGE_BUCKETS, TASKS, PostType
+from workloads.data.schema import COUNTER_FEATURES, N_AGE_BUCKETS, TASKS, PostType
 from workloads.models.base import (
     NextItemModel,
     RankingModel,
@@ -423,10 +423,15 @@ class GatedBlock(nn.Module):
 class LiGRModel(nn.Module):
     """Interleaved history tokens + candidate tokens -> hidden states under historical attention."""
 
+    counter_index: Tensor
+
     def __init__(self, cfg: SequenceRankerConfig, make_block: Callable[[bool], nn.Module]) -> None:
         super().__init__()
         self.cfg = cfg
         self.items = ItemTokenizer(cfg)
+        index = [COUNTER_FEATURES.index(c) for c in cfg.candidate_counters]
+        self.register_buffer("counter_index", torch.tensor(index, dtype=torch.long), persistent=False)
+        self.counters = nn.Linear(len(index), cfg.d_model) if index else None
         self.actions = nn.Linear(N_ACTIONS, cfg.d_model)
         # learned positions by recency (A.1 found them as good as a relative bias); 0 = target session
         self.position = nn.Embedding(cfg.max_history + 1, cfg.d_model)
@@ -450,6 +455,9 @@ class LiGRModel(nn.Module):
         action_tokens = item_tokens + self.actions(batch.hist_actions)
         history = torch.stack([item_tokens, action_tokens], dim=2).flatten(1, 2)  # (B, 2H, D)
         candidates = self.items(candidate_features(batch)) + self.position(layout.position[:, 2 * H :])
+        if self.counters is not None:  # log1p: counts are heavy-tailed, as in the DCNv2 baseline
+            counters = batch.cand_counters[..., self.counter_index].clamp(min=0.0)
+            candidates = candidates + self.counters(torch.log1p(counters))
         x = self.dropout(torch.cat([history, candidates], dim=1))  # (B, 2H + S, D)
         mask = AttentionMask(layout.historical(), layout)
         for block in self.blocks:

@@ -154,7 +154,9 @@ def build_app(args: GraphArgs) -> Application:
     scorer = setwise = brew = None
     if args.model_kind == "ligr":
         model = ranking_model_config(args.artifact_uri)
-        max_history, with_counters = model.max_history, model.kind == "dcnv2"
+        # DCNv2 reads every counter; LiGR only the ones named in candidate_counters (none by default)
+        with_counters = model.kind == "dcnv2" or bool(getattr(model, "candidate_counters", ()))
+        max_history = model.max_history
         scorer = _deployment(PointwiseScorer).bind(
             args.artifact_uri,
             args.task_weights,

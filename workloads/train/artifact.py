@@ -86,7 +86,7 @@ def feature_spec(
         item = sorted(model_config.use_features) + (["semantic_ids"] if model_config.use_semantic_ids else [])
         spec["history_features"] = [*item, "actions", "session"]
         spec["candidate_features"] = item
-        spec["counter_features"] = []
+        spec["counter_features"] = list(model_config.candidate_counters)
     elif kind == "dcnv2":
         spec["history_features"] = ["actor_id", "actions"] if model_config.use_history_summary else []
         spec["candidate_features"] = ["item_id", "actor_id", "post_type", "age_bucket"] + (

@@ -392,3 +392,31 @@ def test_retrieval_with_action_tokens_refuses_sequences_without_actions() -> Non
         retrieval(interleave_actions=True).member_states(sequences)
     _, users = retrieval(interleave_actions=False).member_states(sequences)
     assert users.shape[:2] == (2, 3)
+
+
+def test_candidate_counters_reach_only_the_candidate_they_belong_to() -> None:
+    """A counter named in candidate_counters moves its own candidate's score and no other's; without
+    candidate_counters the counters are ignored (the 5-feature LiGR never reads them)."""
+    batch = random_batch(5, n_rows=2, cand_len=(3, 6))
+    changed = clone(batch)
+    changed.cand_counters[0, 1] += 50.0  # every counter of candidate 1 of row 0
+    with torch.no_grad():
+        reads = model(candidate_counters=("item_ctr_7d",))
+        before, after = reads(batch).logits, reads(changed).logits
+        ignores = model()
+        torch.testing.assert_close(ignores(batch).logits, ignores(changed).logits)
+    assert not torch.allclose(before[0, 1], after[0, 1])
+    pointwise_before, pointwise_after = reads(batch).pointwise_logits, reads(changed).pointwise_logits
+    torch.testing.assert_close(pointwise_after[0, [0, 2]], pointwise_before[0, [0, 2]])
+    torch.testing.assert_close(after[1], before[1])
+    with pytest.raises(ValueError, match="candidate_counters"):
+        tiny(candidate_counters=("clicks_forever",))
+
+
+def test_config_json_lists_features_in_one_order() -> None:
+    """use_features is a set; its JSON must not follow the process's string hash order, or equal configs
+    would get different artifact contents and experiment cache keys from run to run."""
+    features = frozenset({"post_type", "item_id", "content", "actor_id"})
+    dumped = tiny(use_features=features).model_dump(mode="json")
+    assert dumped["use_features"] == ["actor_id", "content", "item_id", "post_type"]
+    assert LiGRConfig.model_validate(dumped) == tiny(use_features=frozenset(dumped["use_features"]))

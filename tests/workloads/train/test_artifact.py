@@ -124,5 +124,9 @@ def test_feature_spec_counts_what_each_model_reads() -> None:
         TINY.model_copy(update={"use_features": frozenset({"item_id", "actor_id"})}), None, None
     )
     assert lean["candidate_features"] == ["actor_id", "item_id"]
+    # a counter LiGR's candidates read is listed, so serving fetches it, and counted as a feature
+    with_ctr = feature_spec(TINY.model_copy(update={"candidate_counters": ("item_ctr_7d",)}), None, None)
+    assert with_ctr["counter_features"] == ["item_ctr_7d"]
+    assert with_ctr["n_features"] == ligr["n_features"] + 1
     dcn = feature_spec(DCNv2Config(), None, None)
     assert len(dcn["counter_features"]) == 11 and dcn["n_features"] > 7
