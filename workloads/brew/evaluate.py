@@ -144,17 +144,18 @@ def _nan(x: float | None) -> float:
 
 
 def _plots(metrics: dict[str, Any], out: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for task, per in metrics["context_sweep"].items():
-        budgets = sorted(int(b) for b in per)
-        ax.plot(budgets, [per[str(b)]["auc"] for b in budgets], marker="o", label=task)
-    ax.set(xscale="log", xlabel="max_context_tokens", ylabel="AUC", title="360Brew: AUC vs context length")
-    ax.set_xticks([int(b) for b in next(iter(metrics["context_sweep"].values()), {})] or [128])
-    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "auc_vs_context.png", dpi=110)
-    plt.close(fig)
+    if metrics["context_sweep"]:  # no sweep configured, no plot of it
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for task, per in metrics["context_sweep"].items():
+            budgets = sorted(int(b) for b in per)
+            ax.plot(budgets, [per[str(b)]["auc"] for b in budgets], marker="o", label=task)
+        ax.set(xscale="log", xlabel="max_context_tokens", ylabel="AUC", title="360Brew: AUC vs context")
+        ax.set_xticks([int(b) for b in next(iter(metrics["context_sweep"].values()))])
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "auc_vs_context.png", dpi=110)
+        plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     order = [name for name, _, _ in HISTORY_SLICES]

@@ -65,6 +65,8 @@ class GateStageConfig(BaseModel):
     train_end: str | float | None = None
     eval_end: str | float | None = None
     gate: GateSpec = GateSpec()
+    brew_examples_per_task: int = Field(400, ge=2, description="360Brew: examples scored per task")
+    brew_scorer: Literal["vllm", "transformers"] = Field("vllm", description="360Brew: scoring backend")
 
 
 # --- The counter baseline (LiGR section 3.1) -------------------------------------------------------------
@@ -173,6 +175,7 @@ def evaluate_brew(cfg: GateStageConfig) -> dict[str, Any]:
     """360Brew's own evaluation (AUC per task beside popularity), for the candidate and the reference."""
     from workloads.brew.data import TimeSplit
     from workloads.brew.evaluate import BrewEvalConfig, evaluate
+    from workloads.brew.score import ScorerConfig
 
     if cfg.gate.metric != "auc":
         raise ValueError("gate.metric: 360Brew is evaluated by AUC only; expected 'auc'")
@@ -183,7 +186,15 @@ def evaluate_brew(cfg: GateStageConfig) -> dict[str, Any]:
 
     def brew_auc(artifact_dir: Path, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         evaluate(
-            BrewEvalConfig(artifact_dir=artifact_dir, world_dir=cfg.world_dir, out_dir=out_dir, split=split)
+            BrewEvalConfig(
+                artifact_dir=artifact_dir,
+                world_dir=cfg.world_dir,
+                out_dir=out_dir,
+                split=split,
+                examples_per_task=cfg.brew_examples_per_task,
+                context_sweep=[],  # the verdict needs AUC per task, not the context-length study
+                scorer=ScorerConfig(backend=cfg.brew_scorer),
+            )
         )
         tasks = json.loads((out_dir / "metrics.json").read_text())["tasks"]
         trained = {t: m for t, m in tasks.items() if not m["zero_shot"]}

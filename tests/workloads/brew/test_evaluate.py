@@ -38,3 +38,33 @@ def test_evaluate_reports_tasks_slices_context_sweep_and_zero_shot(
     assert sweep["256"]["mean_history_in_prompt"] <= sweep["512"]["mean_history_in_prompt"]
     assert (tmp_path / "eval" / "auc_vs_context.png").stat().st_size > 0
     assert (tmp_path / "eval" / "gap_by_history.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_the_operator_evaluate_stage_gates_brew_against_popularity(
+    lora_training: Any, tiny_world: Path, tmp_path: Path
+) -> None:
+    """`workloads.eval.gate` with kind brew: 360Brew's AUC per trained task against the popularity ranker."""
+    from workloads.eval.gate import GateSpec, GateStageConfig, run
+
+    config = GateStageConfig(
+        kind="brew",
+        artifact_dir=Path(lora_training[1]["artifact"]),
+        world_dir=tiny_world,
+        out_dir=tmp_path / "eval",
+        gate=GateSpec(task="feed_like", min_lift=-1.0),
+        brew_examples_per_task=24,
+        brew_scorer="transformers",
+    )
+    summary = run(config)
+    tasks = json.loads((tmp_path / "eval-candidate" / "metrics.json").read_text())["tasks"]
+    assert set(summary["task_auc"]) <= {"job_apply", "feed_like"}  # trained tasks only, not the zero-shot one
+    gate = summary["gate"]
+    assert (
+        gate["value"] == tasks["feed_like"]["brew_auc"]
+        and gate["reference"] == tasks["feed_like"]["popularity_auc"]
+    )
+    assert gate["reference_name"] == "baseline" and gate["passed"] is True  # any finite lift passes -100%
+    with pytest.raises(ValueError, match=r"gate\.metric"):
+        run(config.model_copy(update={"gate": GateSpec(metric="normalized_entropy")}))
+    assert not (tmp_path / "eval-candidate" / "auc_vs_context.png").exists()  # no sweep asked, none drawn
