@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from ray.job_submission import JobSubmissionClient
@@ -110,11 +111,18 @@ def test_a_changed_spec_is_a_new_generation_and_retry_forgets_failed_jobs(
 
 
 def test_sample_requests_rank_a_logged_session(tiny_world: Path) -> None:
+    """The most and the least active feed member, each with the distinct items of their last session."""
+    log = pq.read_table(tiny_world / "impressions.parquet").to_pandas()
+    feed = log[log["surface"] == "feed"]
+    per_member = feed.groupby("member_id").size()
     active, cold = sample_requests(tiny_world)
+    assert active["member_id"] == per_member.idxmax() and per_member[cold["member_id"]] == per_member.min()
     for body in (active, cold):
-        assert body["surface"] == "feed" and len(set(body["candidates"])) == len(body["candidates"]) > 0
-        assert 1 <= body["k"] <= 5
-    assert active["member_id"] != cold["member_id"]
+        rows = feed[feed["member_id"] == body["member_id"]]
+        last = rows[rows["session_id"] == rows["session_id"].max()]
+        assert body["surface"] == "feed"
+        assert body["candidates"] == list(dict.fromkeys(last["item_id"].tolist()))
+        assert body["k"] == min(5, len(body["candidates"]))
 
 
 # --- End to end ---------------------------------------------------------------------------------------------

@@ -252,6 +252,14 @@ def test_online_counters_reject_missing_columns(feast_world: FeastWorld) -> None
         feast_world.online.counters(pd.DataFrame({"member_id": [1], "item_id": [1], "actor_id": [1]}))
 
 
+def assert_same_histories(got: OnlineFeatures, want: OnlineFeatures, members: list[int]) -> None:
+    """Two online stores hold the same history arrays for these members."""
+    got_rows, want_rows = got.member_history(members), want.member_history(members)
+    for name in HISTORY_ARRAYS:
+        for mine, theirs in zip(got_rows[name], want_rows[name], strict=True):
+            np.testing.assert_array_equal(mine, theirs)
+
+
 def fresh_store(feast_world: FeastWorld, root: Path) -> tuple[Path, dict[str, str]]:
     """Another repo copy and data root holding the already built tables: its own registry and online store."""
     repo = copy_repo(root / "feature_repo")
@@ -326,13 +334,7 @@ def test_redis_online_store_serves_the_same_values(
         queries = candidate_queries(feast_world.impressions, 100)
         pd.testing.assert_frame_equal(online.counters(queries), feast_world.online.counters(queries))
         members = feast_world.impressions["member_id"].unique()[:5].tolist()
-        for name in HISTORY_ARRAYS:
-            for got, want in zip(
-                online.member_history(members)[name],
-                feast_world.online.member_history(members)[name],
-                strict=True,
-            ):
-                np.testing.assert_array_equal(got, want)
+        assert_same_histories(online, feast_world.online, members)
         items = [0, 1, 2]
         np.testing.assert_array_equal(
             online.item_features(items)["content_emb"], feast_world.online.item_features(items)["content_emb"]
@@ -352,10 +354,4 @@ def test_materializing_one_feature_service_loads_only_its_views(
         assert materialize(repo, ["ligr_v1"])["feature_views"] == ["item_features", "member_history"]
         members = feast_world.impressions["member_id"].unique()[:3].tolist()
         online = OnlineFeatures(repo)
-        for name in HISTORY_ARRAYS:
-            for got, want in zip(
-                online.member_history(members)[name],
-                feast_world.online.member_history(members)[name],
-                strict=True,
-            ):
-                np.testing.assert_array_equal(got, want)
+        assert_same_histories(online, feast_world.online, members)

@@ -140,13 +140,18 @@ def fake_movielens(folder: Path) -> Path:
     return folder
 
 
-def test_retrieval_ranks_the_test_item_against_unseen_items(tmp_path: Path) -> None:
+def rank_fake_movielens(cfg: Any, tmp_path: Path) -> tuple[Any, np.ndarray]:
+    """A seeded, untrained retriever published as an artifact, and the evaluation's test-item ranks."""
     movielens = fake_movielens(tmp_path / "ml")
-    cfg = SASRecConfig(d_model=8, n_heads=1, n_layers=1, max_len=8, item_hash_size=101, dropout=0.0)
     torch.manual_seed(0)
     model = build_retrieval_model(cfg).eval()
-    path = save_artifact(tmp_path / "sasrec" / "v1", model.state_dict(), cfg, name="sasrec", version=1)
-    ranks = retrieval_ranks(load_artifact(path), movielens)
+    path = save_artifact(tmp_path / cfg.kind / "v1", model.state_dict(), cfg, name=cfg.kind, version=1)
+    return model, retrieval_ranks(load_artifact(path), movielens)
+
+
+def test_retrieval_ranks_the_test_item_against_unseen_items(tmp_path: Path) -> None:
+    cfg = SASRecConfig(d_model=8, n_heads=1, n_layers=1, max_len=8, item_hash_size=101, dropout=0.0)
+    model, ranks = rank_fake_movielens(cfg, tmp_path)
 
     # brute force: user 0 has seen 1, 2, 3 and 7 (train + valid); rank item 10 among the other 16
     with torch.no_grad():
@@ -161,12 +166,8 @@ def test_retrieval_ranks_the_test_item_against_unseen_items(tmp_path: Path) -> N
 def test_ligr_retrieval_reads_the_history_outcomes(tmp_path: Path) -> None:
     """LiGR retrieval interleaves action tokens: the user state must come from the split's real outcomes
     (train + validation events), and a different outcome changes it."""
-    movielens = fake_movielens(tmp_path / "ml")
     cfg = LiGRRetrievalConfig(d_model=8, n_heads=2, n_layers=1, max_len=8, item_hash_size=101, dropout=0.0)
-    torch.manual_seed(0)
-    model = build_retrieval_model(cfg).eval()
-    path = save_artifact(tmp_path / "ligr" / "v1", model.state_dict(), cfg, name="ligr", version=1)
-    ranks = retrieval_ranks(load_artifact(path), movielens)
+    model, ranks = rank_fake_movielens(cfg, tmp_path)
 
     def scores(actions: list[int]) -> torch.Tensor:
         history = collate_sequences([np.array([1, 2, 3, 7])], 8, actions=[np.array(actions)])
