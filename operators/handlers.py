@@ -11,20 +11,32 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from typing import Any
 
 import httpx
 import kopf
 from kubernetes.client.exceptions import ApiException
+from opentelemetry import metrics, trace
 
 from operators.api.v1alpha1 import GROUP, PLURAL, VERSION
 from operators.backends.kuberay import ChildConflictError, KubeRayBackend, KubeRaySettings
 from operators.reconcile import reconcile
 from operators.validate import admit, compile_rules
+from workloads import telemetry
 
 SYNC_INTERVAL_SECONDS = float(os.environ.get("RANKRAY_SYNC_INTERVAL_SECONDS", "15"))
 RETRY_DELAY_SECONDS = max(1.0, SYNC_INTERVAL_SECONDS / 3)
 FINALIZER = "rankray.io/finalizer"
+
+tracer = trace.get_tracer(__name__)
+_meter = metrics.get_meter(__name__)
+sync_seconds = _meter.create_histogram(
+    "rankray.reconcile.duration", unit="s", description="One sync: observe, reconcile, apply"
+)
+child_changes = _meter.create_counter(
+    "rankray.reconcile.child_changes", description="RayJobs and RayServices created, updated or deleted"
+)
 
 
 @kopf.on.startup()
@@ -35,6 +47,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="rankray.io")
     settings.posting.level = logging.WARNING  # our own events say what happened; handler chatter does not
     await asyncio.to_thread(compile_rules)  # not in the first sync: building the CEL parser blocks ~2 s
+    telemetry.configure("rankray-operator")  # exports only where OTEL_EXPORTER_OTLP_ENDPOINT is set
     if "backend" not in memo:
         memo.backend = KubeRayBackend(KubeRaySettings.from_env())
 
@@ -77,12 +90,33 @@ async def _sync(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger) -> int:
     async with lock:
         model = admit(body)
         backend = memo.backend
-        try:
-            observed = await backend.observe(model)
-            plan = reconcile(model, observed)
-            await backend.apply(model, plan)
-        except (ApiException, httpx.HTTPError, ChildConflictError) as err:
-            raise kopf.TemporaryError(f"{type(err).__name__}: {err}", delay=RETRY_DELAY_SECONDS) from err
+        identity = {
+            "k8s.namespace.name": model.metadata.namespace or "",
+            "rankray.model": model.metadata.name,
+        }
+        began, outcome = time.perf_counter(), "error"
+        with tracer.start_as_current_span("reconcile", attributes=identity) as span:
+            try:
+                observed = await backend.observe(model)
+                plan = reconcile(model, observed)
+                await backend.apply(model, plan)
+                outcome = "ok"
+            except (ApiException, httpx.HTTPError, ChildConflictError) as err:
+                outcome = "retry"
+                raise kopf.TemporaryError(f"{type(err).__name__}: {err}", delay=RETRY_DELAY_SECONDS) from err
+            finally:
+                sync_seconds.record(time.perf_counter() - began, {"outcome": outcome})
+            changes = {"create": len(plan.create), "update": len(plan.update), "delete": len(plan.delete)}
+            span.set_attributes(
+                {
+                    "rankray.phase": plan.status.phase.value,
+                    "rankray.observed_children": observed.child_count,
+                    **{f"rankray.children.{verb}": n for verb, n in changes.items()},
+                }
+            )
+            for verb, n in changes.items():
+                if n:
+                    child_changes.add(n, {"operation": verb})
         if plan.touches_children:
             logger.info(
                 "created %s, updated %s, deleted %s",

@@ -340,9 +340,10 @@ def ask(endpoint: str, bodies: list[dict[str, Any]], timeout: float = 60.0) -> l
 def describe_answer(body: Mapping[str, Any], answer: Mapping[str, Any]) -> list[str]:
     """A request and its ranking, a line per ranked item."""
     cold = ", cold start" if answer.get("cold_start") else ""
+    events = answer.get("history_len")
     took = (answer.get("timings") or {}).get("total_ms", 0.0)
     lines = [
-        f"member {body['member_id']} ({answer.get('history_len')} history events{cold}), "
+        f"member {body['member_id']} ({events} history event{'' if events == 1 else 's'}{cold}), "
         f"{len(body['candidates'])} candidates -> top {len(answer.get('items', []))} "
         f"by {answer.get('model')} {answer.get('model_version')} in {took:.1f} ms:"
     ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -55,3 +56,40 @@ def tiny_examples(tiny_world: Path, ray_session: None, tmp_path_factory: pytest.
     out = tmp_path_factory.mktemp("tiny_examples") / "examples"
     run(PreprocessConfig(world_dir=tiny_world, out_dir=out, max_history=32, num_partitions=2))
     return out
+
+
+class Telemetry:
+    """What this process's instrumented code exported: spans and metric points, held in memory."""
+
+    def __init__(self) -> None:
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+        self.exporter, self.reader = InMemorySpanExporter(), InMemoryMetricReader()
+
+    def spans(self, name: str) -> list[Any]:
+        from opentelemetry import trace
+
+        trace.get_tracer_provider().force_flush()  # type: ignore[attr-defined]
+        return [span for span in self.exporter.get_finished_spans() if span.name == name]
+
+    def points(self, metric: str) -> list[Any]:
+        data = self.reader.get_metrics_data()
+        return [
+            point
+            for resource in (data.resource_metrics if data else [])
+            for scope in resource.scope_metrics
+            for found in scope.metrics
+            if found.name == metric
+            for point in found.data.data_points
+        ]
+
+
+@pytest.fixture(scope="session")
+def telemetry() -> Telemetry:
+    """The OpenTelemetry SDK installed once for the whole run, exporting to memory (never over OTLP)."""
+    from workloads import telemetry as setup
+
+    held = Telemetry()
+    assert setup.configure("rankray-tests", held.exporter, held.reader), "telemetry was configured before"
+    return held

@@ -11,14 +11,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from opentelemetry import metrics, trace
 from pydantic import BaseModel, ValidationError
 
+from workloads import telemetry
+
 C = TypeVar("C", bound=BaseModel)
+
+tracer = trace.get_tracer(__name__)
+stage_seconds = metrics.get_meter(__name__).create_histogram(
+    "rankray.stage.duration", unit="s", description="Wall time of a workload stage, by config and outcome"
+)
 
 
 def describe_validation_error(err: ValidationError) -> str:
@@ -120,5 +129,17 @@ def parse_config(model: type[C], argv: Sequence[str] | None = None, description:
 def run_stage(model: type[C], main: Callable[[C], object], argv: Sequence[str] | None = None) -> None:
     """Parse the config, run the stage, print its JSON summary on the last line (the operator reads it)."""
     cfg = parse_config(model, argv)
-    summary = main(cfg)
+    telemetry.configure("rankray-stage")
+    began, outcome = time.perf_counter(), "error"
+    try:
+        with tracer.start_as_current_span(
+            f"stage {model.__name__}", attributes={"rankray.config": model.__name__}
+        ):
+            summary = main(cfg)
+        outcome = "ok"
+    finally:
+        stage_seconds.record(
+            time.perf_counter() - began, {"rankray.config": model.__name__, "outcome": outcome}
+        )
+        telemetry.flush()
     sys.stdout.write(json.dumps(summary, default=str) + "\n")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
@@ -21,7 +22,7 @@ import yaml
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from operators.api.v1alpha1 import (
     API_VERSION,
@@ -64,6 +65,25 @@ DIGEST_ANNOTATION = "rankray.io/serving-digest"
 PVC_MOUNT_ROOT = "/mnt/pvc"
 
 
+class PodEnvVar(BaseModel):
+    """A container environment variable as Kubernetes spells it: a value, or valueFrom a Secret/ConfigMap."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(min_length=1)
+    value: str | None = None
+    value_from: dict[str, Any] | None = Field(None, alias="valueFrom")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PodEnvVar:
+        if (self.value is None) == (self.value_from is None):
+            raise ValueError(f"{self.name}: give exactly one of value and valueFrom")
+        return self
+
+    def manifest(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
 class KubeRaySettings(BaseModel):
     """Operator-wide settings of the KubeRay backend (the chart's ConfigMap sets them as RANKRAY_* vars)."""
 
@@ -81,6 +101,22 @@ class KubeRaySettings(BaseModel):
     head_cpu: str = Field("2", description="CPU of each Ray head pod.")
     head_memory: str = Field("8Gi", description="Memory of each Ray head pod.")
     dashboard_timeout_seconds: float = Field(10.0, gt=0, description="Timeout reading a job's logs.")
+    pod_env: list[PodEnvVar] = Field(
+        default_factory=list,
+        description="Environment of every Ray container (RANKRAY_POD_ENV: a JSON list of Kubernetes "
+        "EnvVars), e.g. OTEL_EXPORTER_OTLP_ENDPOINT for traces, RANKRAY_REDIS with a Secret's password.",
+    )
+
+    @field_validator("pod_env", mode="before")
+    @classmethod
+    def _json_list(cls, value: Any) -> Any:
+        """The ConfigMap can only hold strings, so the list arrives as JSON text."""
+        if not isinstance(value, str):
+            return value
+        try:
+            return json.loads(value) if value.strip() else []
+        except json.JSONDecodeError as err:
+            raise ValueError(f"not a JSON list of environment variables: {err}") from err
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> KubeRaySettings:
@@ -178,8 +214,13 @@ def _container(
 
 
 def _pod_template(
-    container: dict[str, Any], volumes: list[dict[str, Any]], pool: NodePool, service_account: str | None
+    container: dict[str, Any], volumes: list[dict[str, Any]], pool: NodePool, settings: KubeRaySettings
 ) -> dict[str, Any]:
+    if settings.pod_env:
+        container = {
+            **container,
+            "env": [variable.manifest() for variable in settings.pod_env],
+        }
     spec: dict[str, Any] = {"containers": [container]}
     if volumes:
         spec["volumes"] = volumes
@@ -187,8 +228,8 @@ def _pod_template(
         spec["nodeSelector"] = dict(pool.node_selector)
     if pool.tolerations:
         spec["tolerations"] = [t.model_dump(mode="json", exclude_none=True) for t in pool.tolerations]
-    if service_account:
-        spec["serviceAccountName"] = service_account
+    if settings.service_account:
+        spec["serviceAccountName"] = settings.service_account
     return {"spec": spec}
 
 
@@ -211,7 +252,7 @@ def _head_group(
     return {
         # num-cpus 0: the head runs the driver and the control plane, the work goes to the worker groups.
         "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
-        "template": _pod_template(container, volumes, NodePool(), settings.service_account),
+        "template": _pod_template(container, volumes, NodePool(), settings),
     }
 
 
@@ -231,7 +272,7 @@ def _worker_group(
         "minReplicas": min_replicas,
         "maxReplicas": max_replicas,
         "rayStartParams": {},
-        "template": _pod_template(container, volumes, pool, settings.service_account),
+        "template": _pod_template(container, volumes, pool, settings),
     }
 
 

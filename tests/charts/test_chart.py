@@ -429,6 +429,7 @@ def test_settings_carry_the_workload_image_and_ray_cluster_shape(rendered: dict[
         assert settings.ray_version == workloads["rayVersion"]
         assert settings.backoff_limit == workloads["backoffLimit"]
         assert settings.service_account == (workloads["serviceAccountName"] or None)
+        assert [v.manifest() for v in settings.pod_env] == workloads.get("env", [])
         deployment = the_one(rendered[values_file], "Deployment")
         operator_image = deployment["spec"]["template"]["spec"]["containers"][0]["image"]
         assert settings.image == (workloads["image"] or operator_image)
@@ -437,6 +438,12 @@ def test_settings_carry_the_workload_image_and_ray_cluster_shape(rendered: dict[
     dev = the_one(rendered["values-dev.yaml"], "ConfigMap")["data"]
     assert dev["RANKRAY_IMAGE"] == "rankray:dev"
     assert "RANKRAY_SERVICE_ACCOUNT" not in dev  # empty means the namespace default, so it is left unset
+    assert "RANKRAY_POD_ENV" not in dev
+    prod_env = {v.name: v for v in KubeRaySettings.from_env(prod).pod_env}
+    assert {"OTEL_EXPORTER_OTLP_ENDPOINT", "RANKRAY_REDIS", "FEAST_FS_YAML_FILE_PATH"} <= set(prod_env)
+    assert prod_env["REDIS_PASSWORD"].value_from == {
+        "secretKeyRef": {"name": "feast-redis", "key": "password"}
+    }
 
 
 def test_gpu_node_pool_examples_carry_the_label_and_taint_rankingmodels_select() -> None:

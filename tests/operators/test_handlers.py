@@ -27,6 +27,7 @@ os.environ["RANKRAY_SYNC_INTERVAL_SECONDS"] = "0.5"  # read when operators.handl
 import kopf
 
 from operators import handlers
+from tests.conftest import Telemetry
 from tests.operators.apiserver import ApiServer, declare_resources
 from tests.operators.conftest import VALID_MANIFEST
 
@@ -228,8 +229,9 @@ async def drive_to_serving(api: httpx.AsyncClient, cluster: ApiServer, version: 
 
 
 async def test_a_model_goes_from_manifest_to_serving_and_is_deleted_cleanly(
-    cluster: ApiServer, api: httpx.AsyncClient
+    cluster: ApiServer, api: httpx.AsyncClient, telemetry: Telemetry
 ) -> None:
+    telemetry.exporter.clear()
     async with operator_running():
         await apply(api, VALID_MANIFEST | {"metadata": {"name": "feed-ligr", "namespace": NS}})
         job = await eventually(
@@ -279,6 +281,14 @@ async def test_a_model_goes_from_manifest_to_serving_and_is_deleted_cleanly(
             lambda: not model(cluster), "the RankingModel to be gone once its finalizer is released"
         )
         assert live(cluster, RAYJOBS) == {} and live(cluster, RAYSERVICES) == {}
+
+    # every sync was a span naming the model, with the phase it reached and what it changed
+    syncs = [
+        s.attributes for s in telemetry.spans("reconcile") if s.attributes["rankray.model"] == "feed-ligr"
+    ]
+    assert {"Preprocessing", "Training", "Evaluating", "Serving"} <= {a["rankray.phase"] for a in syncs}
+    assert sum(a["rankray.children.create"] for a in syncs) == 4  # three stage RayJobs and the RayService
+    assert all(a["k8s.namespace.name"] == NS for a in syncs)
 
 
 async def test_a_restarted_operator_continues_without_duplicating_children(

@@ -33,6 +33,7 @@ from operators.run import (
     STATE_FILE,
     ManifestError,
     check_local_paths,
+    describe_answer,
     load_manifest,
     open_state,
     readable_lines,
@@ -162,6 +163,23 @@ def _submitted(cluster: Path, job: str) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
+def test_an_answer_is_described_one_line_per_ranked_item() -> None:
+    body = {"member_id": 7, "candidates": [{"item_id": 1}, {"item_id": 2}]}
+    item = {"rank": 1, "item_id": 2, "score": 0.5, "probabilities": {"click": 0.25}}
+    answer = {
+        "history_len": 1,
+        "model": "ligr",
+        "model_version": "v3",
+        "items": [item],
+        "timings": {"total_ms": 5},
+    }
+    header, *items = describe_answer(body, answer)
+    assert header == "member 7 (1 history event), 2 candidates -> top 1 by ligr v3 in 5.0 ms:"
+    assert len(items) == 1 and "click 0.250" in items[0]
+    cold = describe_answer(body, {**answer, "history_len": 0, "cold_start": True, "items": []})
+    assert cold[0].startswith("member 7 (0 history events, cold start)")
+
+
 def test_run_reaches_serving_after_a_crash_without_running_a_job_twice(
     feast_world: tuple[Path, Path, dict[str, str]], tmp_path: Path
 ) -> None:

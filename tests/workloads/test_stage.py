@@ -7,11 +7,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
-from workloads.stage import parse_config
+from workloads.stage import parse_config, run_stage
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -104,3 +105,24 @@ def test_a_real_stage_refuses_a_bad_override_before_starting_ray() -> None:
     assert result.returncode == 2, result.stderr
     assert "invalid PreprocessConfig:\nmax_history: Input should be a valid integer" in result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_a_stage_run_is_one_span_and_a_duration_point_even_when_it_fails(
+    telemetry: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def fail(cfg: StageConfig) -> dict[str, Any]:
+        raise RuntimeError(f"epoch {cfg.epochs} diverged")
+
+    run_stage(StageConfig, lambda cfg: {"epochs": cfg.epochs}, ["--set", "epochs=2"])
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == {"epochs": 2}
+    with pytest.raises(RuntimeError, match="diverged"):
+        run_stage(StageConfig, fail, [])
+    ok, failed = telemetry.spans("stage StageConfig")[-2:]
+    assert ok.status.is_ok and not failed.status.is_ok
+    assert failed.events[0].name == "exception"
+    outcomes = {
+        p.attributes["outcome"]: p.count
+        for p in telemetry.points("rankray.stage.duration")
+        if p.attributes["rankray.config"] == "StageConfig"
+    }
+    assert outcomes["ok"] >= 1 and outcomes["error"] >= 1

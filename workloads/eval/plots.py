@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -24,16 +24,26 @@ def scaling_plot(
     path: Path,
     metrics: Sequence[str] = ("long_dwell_auc", "contribution_auc"),
     title: str = "",
+    reference: Mapping[str, float] | None = None,
+    reference_label: str = "baseline",
 ) -> Path:
     """Two panels: AUC against history length, and AUC against dense parameters (log scale).
 
-    Each point is a dict with ``history`` or ``dense_params`` and the metric values.
+    Each point is a dict with ``history`` or ``dense_params`` and the metric values; ``reference``
+    (a baseline's metrics) is drawn as a dashed line per metric in the same colour.
     """
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for metric in metrics:
         label = TASK_LABELS.get(metric, metric)
-        left.plot([p["history"] for p in by_history], [p[metric] for p in by_history], "o-", label=label)
+        line = left.plot(
+            [p["history"] for p in by_history], [p[metric] for p in by_history], "o-", label=label
+        )
         right.plot([p["dense_params"] for p in by_size], [p[metric] for p in by_size], "o-", label=label)
+        if reference is not None:
+            for axis in (left, right):
+                axis.axhline(
+                    reference[metric], ls="--", color=line[0].get_color(), label=f"{label}, {reference_label}"
+                )
     left.set_xscale("log", base=2)
     left.set_xlabel("history length (events)")
     left.set_ylabel("eval AUC")

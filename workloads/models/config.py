@@ -80,6 +80,9 @@ class SequenceRankerConfig(_Optim):
     setwise: bool = True
     n_setwise_layers: PositiveInt = 1
     setwise_slot_bias: bool = True  # in-session attention biased by how many slots apart two candidates are
+    # ablation: "self" keeps the set-wise layers and loss but lets each candidate read only itself, so a
+    # gain that survives it comes from the extra depth, not from seeing the set
+    setwise_context: Literal["session", "self"] = "session"
     n_bias_buckets: PositiveInt = 16  # relative-position buckets (set-wise slots; HSTU's rab)
     dropout: Dropout = 0.1
     history_loss_weight: NonNegativeFloat = 1.0  # each history item also predicts its own action

@@ -202,6 +202,14 @@ class TokenLayout:
 
         return mask_mod
 
+    def alone(self) -> MaskMod:
+        """The set-wise ablation (``setwise_context="self"``): every token reads only itself."""
+
+        def mask_mod(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+            return q == k
+
+        return mask_mod
+
     @classmethod
     def interleaved(cls, hist_session: Tensor, hist_mask: Tensor, cand_mask: Tensor) -> TokenLayout:
         """item_0, action_0, item_1, action_1, ..., then the candidates (S may be 0)."""
@@ -529,7 +537,8 @@ class GenerativeRanker(RankingModel):
         ``slots`` (B, S) are the positions the candidates are shown in; None means in the order given.
         """
         layout = TokenLayout.one_session(cand_mask, slots)
-        mask = AttentionMask(layout.in_session(), layout)
+        context = layout.in_session() if self.cfg.setwise_context == "session" else layout.alone()
+        mask = AttentionMask(context, layout)
         x = cand_states
         for block in self.setwise_blocks:
             x = block(x, mask)

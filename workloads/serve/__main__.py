@@ -40,8 +40,6 @@ def _deploy(config: dict[str, Any], address: str | None, detach: bool, num_cpus:
 
     from workloads.serve.config import deploy
 
-    if address is None and detach:
-        raise SystemExit("--detach needs --address: a cluster started here ends with this process")
     if address is None:
         ray.init(num_cpus=num_cpus, include_dashboard=False)
     else:
@@ -79,6 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--detach", action="store_true", help="return once deployed (needs --address)")
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of a cluster started here")
     args = parser.parse_args(argv)
+    if args.detach and args.address is None:
+        parser.error("--detach needs --address: a cluster started here ends with this process")
     from workloads.serve.config import validate_config
 
     try:  # a bad file or value is a usage error naming the option or field, not a traceback

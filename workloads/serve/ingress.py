@@ -23,10 +23,13 @@ import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from opentelemetry import metrics, trace
+from opentelemetry.trace import Span, Status, StatusCode
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from workloads import telemetry
 from workloads.data.schema import TASKS
 from workloads.serve.errors import ServeError, client_error
 from workloads.serve.features import FetchRequest
@@ -56,6 +59,15 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorBody, "description": "a field of the request is invalid; `fields` names it"},
     503: {"model": ErrorBody, "description": "the feature store failed or timed out (after bounded retries)"},
 }
+
+tracer = trace.get_tracer(__name__)
+_meter = metrics.get_meter(__name__)
+rank_latency = _meter.create_histogram(
+    "rankray.rank.duration", unit="ms", description="Ranking requests: total and per stage, by model"
+)
+rank_requests = _meter.create_counter(
+    "rankray.rank.requests", description="Ranking requests by model and HTTP status"
+)
 
 app = FastAPI(
     title="rankray ranking service",
@@ -158,6 +170,31 @@ def ranked_items(
     ]
 
 
+def observe_answer(span: Span, answer: RankResponse) -> None:
+    """Put a served ranking on its span and into the latency histogram (one point per stage)."""
+    model = {"model": answer.model}
+    span.set_attributes(
+        {
+            "rankray.model": answer.model,
+            "rankray.model_version": answer.model_version,
+            "rankray.history_len": answer.history_len,
+            "rankray.setwise_applied": answer.setwise_applied,
+            "http.response.status_code": 200,
+        }
+    )
+    for stage, ms in answer.timings.model_dump().items():
+        rank_latency.record(ms, {**model, "stage": stage.removesuffix("_ms")})
+    rank_requests.add(1, {**model, "status": 200})
+
+
+def observe_error(span: Span, err: ServeError, model: str) -> None:
+    """A refused request: 4xx is the client's (span status unset, per OTel's HTTP conventions), 5xx ours."""
+    span.set_attributes({"http.response.status_code": err.status, "rankray.error": err.error})
+    if err.status >= 500:
+        span.set_status(Status(StatusCode.ERROR, err.message))
+    rank_requests.add(1, {"model": model, "status": err.status})
+
+
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(app)
 class RankIngress:
@@ -180,6 +217,7 @@ class RankIngress:
         self.weights = task_weight_vector(args.task_weights)
         self.fetcher, self.scorer, self.setwise, self.brew = fetcher, scorer, setwise, brew
         self._models: list[ModelInfo] | None = None
+        telemetry.configure("rankray-serve")  # exports only where OTEL_EXPORTER_OTLP_ENDPOINT is set
 
     async def _model_infos(self) -> list[ModelInfo]:
         if self._models is None:
@@ -207,10 +245,19 @@ class RankIngress:
     @app.post("/v1/rank", response_model=RankResponse, responses=ERRORS)
     async def rank(self, body: RankRequest) -> RankResponse | JSONResponse:
         request_id = new_request_id()
-        try:
-            return await self._rank(body, request_id)
-        except ServeError as err:  # raised here or re-raised from a deployment the request went through
-            return error_response(err, request_id)
+        model = body.model or self.default_model
+        attributes: dict[str, str | int] = {
+            "rankray.request_id": request_id,
+            "rankray.candidates": len(body.candidates),
+        }
+        with tracer.start_as_current_span("rank", attributes=attributes) as span:
+            try:
+                answer = await self._rank(body, request_id)
+            except ServeError as err:  # raised here or re-raised from a deployment the request went through
+                observe_error(span, err, model)
+                return error_response(err, request_id)
+            observe_answer(span, answer)
+            return answer
 
     async def _rank(self, body: RankRequest, request_id: str) -> RankResponse:
         began = time.perf_counter()

@@ -17,6 +17,7 @@ import httpx
 import kubernetes_validate
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from operators.api.crd import version_schema
 from operators.api.v1alpha1 import RankingModel
@@ -40,6 +41,16 @@ ROOT = Path(__file__).resolve().parents[3]
 KUBERAY_CRDS = Path(os.environ.get("KUBERAY_CRDS_DIR", ROOT.parent / "shared" / "kuberay-crds"))
 EXAMPLES = ROOT / "examples"
 SETTINGS = KubeRaySettings()
+POD_ENV = [
+    {"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://otel-collector.rankray-system.svc:4317"},
+    {"name": "REDIS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "feast-redis", "key": "password"}}},
+    {
+        "name": "RANKRAY_REDIS",
+        "value": "feast-redis.rankray-system.svc.cluster.local:6379,password=$(REDIS_PASSWORD)",
+    },
+]
+# what the prod values render: the Ray pods get the collector and Redis (feed-fixed is rendered with these)
+PROD_SETTINGS = KubeRaySettings.from_env({"RANKRAY_POD_ENV": json.dumps(POD_ENV)})
 
 
 def _kuberay_schema(kind: str) -> dict[str, Any]:
@@ -107,15 +118,16 @@ def _serving_app(model: RankingModel) -> ServingApp:
 def _all_children() -> list[tuple[str, dict[str, Any]]]:
     out = []
     for label, model in MODELS.items():
+        settings = PROD_SETTINGS if label == "feed-fixed" else SETTINGS
         for stage in stages(model.spec.model.kind):
             for suspend in (False, True):
                 out.append(
                     (
                         f"{label}-{stage.value}-{suspend}",
-                        rayjob(model, _stage_job(model, stage, suspend), SETTINGS),
+                        rayjob(model, _stage_job(model, stage, suspend), settings),
                     )
                 )
-        out.append((f"{label}-service", rayservice(model, _serving_app(model), SETTINGS)))
+        out.append((f"{label}-service", rayservice(model, _serving_app(model), settings)))
     return out
 
 
@@ -177,6 +189,32 @@ def test_every_child_passes_the_kuberay_controllers_own_checks(label: str, child
     else:
         assert spec["upgradeStrategy"] == {"type": "NewCluster"}
         assert "headService" not in cluster["headGroupSpec"]
+
+
+def _containers(child: dict[str, Any]) -> list[dict[str, Any]]:
+    cluster = child["spec"]["rayClusterSpec" if child["kind"] == "RayJob" else "rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    return [c for group in groups for c in group["template"]["spec"]["containers"]]
+
+
+def test_pod_env_reaches_every_ray_container_and_nothing_else_gets_it() -> None:
+    for label, child in CHILDREN:
+        for container in _containers(child):
+            assert container.get("env", []) == (POD_ENV if label.startswith("feed-fixed") else []), label
+
+
+def test_pod_env_that_is_not_a_json_object_is_refused_naming_the_setting() -> None:
+    bad_values = {
+        "OTEL=1": "not a JSON list",
+        '{"A": "1"}': "pod_env",
+        '[{"name": "A", "value": 1}]': "pod_env.0.value",
+        '[{"name": "A"}]': "A: give exactly one of value and valueFrom",
+        '[{"name": "A", "value": "1", "valueFrom": {}}]': "A: give exactly one of value and valueFrom",
+    }
+    for bad, message in bad_values.items():
+        with pytest.raises(ValidationError, match=message):
+            KubeRaySettings.from_env({"RANKRAY_POD_ENV": bad})
+    assert KubeRaySettings.from_env({"RANKRAY_POD_ENV": ""}).pod_env == []
 
 
 def test_stage_entrypoints_run_the_workload_modules_with_the_pipelines_config() -> None:

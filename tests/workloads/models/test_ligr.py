@@ -134,6 +134,21 @@ def test_pointwise_score_ignores_other_candidates_but_setwise_does_not() -> None
     assert not torch.allclose(after.setwise_logits[:, 0], before.setwise_logits[:, 0])
 
 
+def test_the_self_only_ablation_keeps_the_setwise_layer_but_not_the_set() -> None:
+    batch = random_batch(seed=2, n_rows=3, cand_len=(4, 4))
+    session, alone = model(), model(setwise_context="self")
+    alone.load_state_dict(session.state_dict())  # same parameters: only the mask differs
+    other = clone(batch)
+    other.cand_item_id[:, 1:] += 7
+    with torch.no_grad():
+        before, after = alone(batch), alone(other)
+        with_set = session(batch)
+    assert before.setwise_logits is not None and after.setwise_logits is not None
+    torch.testing.assert_close(after.setwise_logits[:, 0], before.setwise_logits[:, 0])
+    assert with_set.setwise_logits is not None
+    assert not torch.allclose(with_set.setwise_logits[:, 0], before.setwise_logits[:, 0])
+
+
 def test_single_pass_scoring_equals_scoring_each_candidate_alone() -> None:
     rng = np.random.default_rng(4)
     rows = example_rows(rng, n_rows=3, hist_len=(2, 12), cand_len=(3, 6))

@@ -155,6 +155,7 @@ def test_the_cli_refuses_bad_input_naming_the_field(
         (["--render", str(tmp_path / "missing.yaml")], "--render"),
         (["--config", str(tmp_path / "missing.yaml")], "--config"),
         (["--config", str(args_file)], "invalid ServeDeploySchema:\napplications: Field required"),
+        (["--config", str(args_file), "--detach"], "--detach needs --address"),
     ]
     for argv, expected in cases:
         with pytest.raises(SystemExit) as exit_info:
