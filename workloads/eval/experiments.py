@@ -44,8 +44,8 @@ from workloads.models.registry import build_model
 from workloads.train.config import TrainConfig
 from workloads.train.trainer import train_and_publish
 
-Which = Literal["all", "baseline", "setwise", "scaling", "hstu", "movielens"]
-EXPERIMENTS: tuple[str, ...] = ("baseline", "setwise", "scaling", "hstu", "movielens")
+Which = Literal["all", "baseline", "setwise", "scaling", "hstu", "movielens", "id_init"]
+EXPERIMENTS: tuple[str, ...] = ("baseline", "setwise", "scaling", "hstu", "movielens", "id_init")
 AUCS = ("long_dwell_auc", "contribution_auc", "click_auc")
 HISTORY_LENGTHS = (16, 64, 256)
 MODEL_SIZES = ((16, 1), (32, 2), (64, 3), (128, 4))  # (d_model, n_layers)
@@ -219,7 +219,7 @@ def setwise(lab: Lab) -> dict[str, Any]:
     """Set-wise attention on / off in worlds with and without the set-level effect, and two controls
     that keep the set-wise layer: without its slot-distance bias (is the gain the world's position
     bias?), and with each candidate reading only itself (is the gain just the extra depth and loss?)."""
-    arms = {
+    arms: dict[str, dict[str, Any]] = {
         "on": {},
         "on, no slot bias": {"setwise_slot_bias": False},
         "on, self only": {"setwise_context": "self"},
@@ -331,6 +331,31 @@ def movielens(lab: Lab) -> dict[str, Any]:
     return {"rows": rows, "epochs": epochs}
 
 
+def id_init(lab: Lab) -> dict[str, Any]:
+    """LiGR and DCNv2 with unit-norm vs DLRM (near-zero) hashed id rows: most eval posts are new, so
+    their item rows are whatever initialization left there (item cold start, 5.4)."""
+    world = lab.world()
+    examples = lab.examples(world)
+    models = {}
+    for init in ("unit", "dlrm"):
+        ligr = lab.ligr(id_dim=lab.cfg.d_model // 2, hashed_id_init=init)
+        dcn = {"kind": "dcnv2", "max_history": lab.cfg.max_history, "hashed_id_init": init}
+        models[f"LiGR, {init} ids"] = lab.train(f"ligr-{init}", ligr, examples, world, lab.cfg.epochs)
+        models[f"DCNv2, {init} ids"] = lab.train(f"dcnv2-{init}", dcn, examples, world, lab.cfg.epochs)
+    report = lab.evaluate("id-init", list(models.values()), examples)
+    rows = []
+    for name, path in models.items():
+        result = _overall(report, path)
+        rows.append(
+            {
+                "model": name,
+                **_pick(result["overall"]),
+                "cold_start_long_dwell_auc": result["slices"]["0"]["long_dwell_auc"],
+            }
+        )
+    return {"rows": rows}
+
+
 def _pick(overall: dict[str, Any]) -> dict[str, Any]:
     """The AUCs, long-dwell NE, and the long-dwell AUC's standard error (Hanley-McNeil)."""
     positives = overall["long_dwell_positives"]
@@ -338,7 +363,14 @@ def _pick(overall: dict[str, Any]) -> dict[str, Any]:
     return {**{m: overall[m] for m in (*AUCS, "long_dwell_ne")}, "long_dwell_auc_se": se}
 
 
-RUNNERS = {"baseline": baseline, "setwise": setwise, "scaling": scaling, "hstu": hstu, "movielens": movielens}
+RUNNERS = {
+    "baseline": baseline,
+    "setwise": setwise,
+    "scaling": scaling,
+    "hstu": hstu,
+    "movielens": movielens,
+    "id_init": id_init,
+}
 
 
 # --- Reporting ------------------------------------------------------------------------------------------

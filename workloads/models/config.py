@@ -77,6 +77,9 @@ class SequenceRankerConfig(_Optim):
     sid_dim: PositiveInt = 16  # paper: 32
     sid_trigram_hash_size: PositiveInt = 100_003  # paper: 10^6
     # set-wise in-session attention over the candidates, added to the pointwise score (section 3.2)
+    # how the hashed id rows (item, actor) start: "unit" rows of norm ~1, or DLRM's U(+-1/sqrt(rows)),
+    # near zero, so an id no training example reached (most eval posts are new) adds ~nothing to its token
+    hashed_id_init: Literal["unit", "dlrm"] = "unit"
     setwise: bool = True
     n_setwise_layers: PositiveInt = 1
     setwise_slot_bias: bool = True  # in-session attention biased by how many slots apart two candidates are
@@ -149,6 +152,7 @@ class DCNv2Config(_Optim):
     content_dim: PositiveInt = CONTENT_DIM
     use_content: bool = True
     use_history_summary: bool = False  # mean embedding of the actors the member engaged with
+    hashed_id_init: Literal["unit", "dlrm"] = "unit"  # as in SequenceRankerConfig
     n_cross_layers: PositiveInt = 3
     mlp_dims: tuple[PositiveInt, ...] = Field(default=(256, 128), min_length=1)
     dropout: Dropout = 0.1

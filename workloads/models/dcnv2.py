@@ -78,6 +78,9 @@ class DCNv2ForRanking(RankingModel):
             "task_order", torch.tensor([tower_order.index(t) for t in TASKS]), persistent=False
         )
         self.apply(init_weights)
+        if cfg.hashed_id_init == "dlrm":
+            self.item_id.init_near_zero()
+            self.actor_id.init_near_zero()
 
     def engaged_actors(self, batch: RankingBatch) -> Tensor:
         """(B, id_dim) mean embedding of the actors whose posts the member acted on in the history."""

@@ -72,6 +72,11 @@ class HashedEmbedding(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         return self.table(hash_ids(ids, self.size, self.salt))
 
+    def init_near_zero(self) -> None:
+        """DLRM / TorchRec's table init, U(+-1/sqrt(rows)): a row no training example reaches stays ~0."""
+        bound = self.size**-0.5
+        nn.init.uniform_(self.table.weight, -bound, bound)
+
 
 class SemanticIdEmbedding(nn.Module):
     """Prefix n-grams of an item's 3 RQ-VAE codes (5.1): unigram, bigram, hashed trigram, concat-pooled.
@@ -520,6 +525,10 @@ class GenerativeRanker(RankingModel):
             self.setwise_norm = nn.LayerNorm(cfg.d_model)
             self.setwise_head = TaskHeads(cfg.d_model)
         self.apply(init_weights)
+        if cfg.hashed_id_init == "dlrm":
+            for module in self.modules():
+                if isinstance(module, HashedEmbedding):
+                    module.init_near_zero()
 
     def make_block(self, setwise: bool) -> nn.Module:
         """One transformer layer: of the historical stack, or of the set-wise stack."""

@@ -435,3 +435,18 @@ def test_config_json_lists_features_in_one_order() -> None:
     dumped = tiny(use_features=features).model_dump(mode="json")
     assert dumped["use_features"] == ["actor_id", "content", "item_id", "post_type"]
     assert LiGRConfig.model_validate(dumped) == tiny(use_features=frozenset(dumped["use_features"]))
+
+
+@pytest.mark.parametrize("kind", ["ligr", "hstu", "dcnv2"])
+def test_dlrm_init_starts_hashed_id_rows_near_zero(kind: str) -> None:
+    from workloads.models.ligr import HashedEmbedding
+    from workloads.models.registry import build_model, parse_model_config
+
+    cfg = {"kind": kind, "d_model": 32, "n_heads": 2} if kind != "dcnv2" else {"kind": "dcnv2"}
+    unit = build_model(parse_model_config(cfg))
+    dlrm = build_model(parse_model_config({**cfg, "hashed_id_init": "dlrm"}))
+    tables = [(name, m) for name, m in dlrm.named_modules() if isinstance(m, HashedEmbedding)]
+    assert tables
+    for name, table in tables:
+        assert table.table.weight.abs().max() <= table.size**-0.5
+        assert unit.get_submodule(name).table.weight.norm(dim=-1).mean() > 0.5  # unit rows by default
