@@ -144,9 +144,11 @@ def stage_config(
     version: ModelVersion,
     reference: ModelVersion | None,
     resolve: Resolve,
+    cpus_per_worker: int = 1,
 ) -> dict[str, Any]:
     """The config JSON a stage is launched with; each workload parses it with its own pydantic config
-    (extra fields forbidden), so the keys here are exactly theirs."""
+    (extra fields forbidden), so the keys here are exactly theirs. ``cpus_per_worker`` is what each
+    training worker reserves (and computes with): the backend knows how large its workers are."""
     work = work_dir(spec.artifact_root, model_name, version.generation)
     world = resolve(spec.data.source)
     surfaces = [surface.value for surface in spec.data.surfaces]
@@ -179,6 +181,7 @@ def stage_config(
             "surfaces": surfaces,
             "epochs": spec.training.epochs,
             "num_workers": spec.training.workers,
+            "cpus_per_worker": cpus_per_worker,
             "use_gpu": spec.training.gpus_per_worker > 0,
             "strategy": sharding,
             "max_failures": spec.training.max_failures,
@@ -195,6 +198,7 @@ def stage_config(
             "base": {"kind": "path", "path": resolve(spec.model.base_model or "")},
             "split": split,
             "num_workers": spec.training.workers,
+            "cpus_per_worker": cpus_per_worker,
             "use_gpu": spec.training.gpus_per_worker > 0,
             "sharding": sharding,
             "max_failures": spec.training.max_failures,

@@ -256,7 +256,10 @@ class NodePool(_Api):
 class WorkerResources(_Api):
     """CPU and memory of one Ray worker pod (GPUs are set separately)."""
 
-    cpu: Quantity = Field("4", description="CPU request and limit of one worker pod.")
+    cpu: Quantity = Field(
+        "4",
+        description="CPU request and limit of one worker pod; its training worker computes on all but one.",
+    )
     memory: Quantity = Field("16Gi", description="Memory request and limit of one worker pod.")
 
 

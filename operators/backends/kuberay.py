@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
@@ -22,6 +23,7 @@ import yaml
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
+from kubernetes.utils.quantity import parse_quantity
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from operators.api.v1alpha1 import (
@@ -276,6 +278,12 @@ def _worker_group(
     }
 
 
+def train_worker_cpus(pod_cpu: int | str) -> int:
+    """CPUs one Ray Train worker reserves in its pod: every whole CPU but one, which stays free for
+    Ray Data's read tasks (the head runs none: num-cpus 0)."""
+    return max(1, math.floor(parse_quantity(pod_cpu)) - 1)
+
+
 def rayjob(model: RankingModel, job: StageJob, settings: KubeRaySettings) -> dict[str, Any]:
     """The RayJob of one stage: its own Ray cluster, the workload entrypoint, shut down when done."""
     spec: RankingModelSpec = model.spec
@@ -288,8 +296,16 @@ def rayjob(model: RankingModel, job: StageJob, settings: KubeRaySettings) -> dic
     volumes, mounts = _volumes(
         _claims([spec.data.source, spec.artifact_root, spec.feature_repo.path, spec.model.base_model])
     )
-    config = stage_config(spec, model.metadata.name, job.stage, job.version, job.reference, resolve_storage)
     resources = spec.training.resources
+    config = stage_config(
+        spec,
+        model.metadata.name,
+        job.stage,
+        job.version,
+        job.reference,
+        resolve_storage,
+        cpus_per_worker=train_worker_cpus(resources.cpu),
+    )
     worker = _container("ray-worker", image, resources.cpu, resources.memory, gpus, mounts)
     return {
         "apiVersion": f"{RAY_GROUP}/{RAY_VERSION}",

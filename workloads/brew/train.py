@@ -18,8 +18,10 @@ one reported epoch after another, so checkpoints and resume cover the whole sche
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -32,7 +34,7 @@ import torch.distributed as dist
 from peft import PeftModel
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray.data.collate_fn import NumpyBatchCollateFn
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -59,7 +61,13 @@ from workloads.data.atomic import atomic_dir
 from workloads.data.schema import data_root
 from workloads.stage import run_stage
 from workloads.train.loop import clip_grad_norm
-from workloads.train.sharding import full_model_state, full_optimizer_state, parallelize
+from workloads.train.sharding import (
+    full_model_state,
+    full_optimizer_state,
+    parallelize,
+    use_reserved_cpus,
+    worker_scaling,
+)
 
 IGNORE = -100  # label value the causal LM loss skips
 STAGES = ("pretrain", "finetune")
@@ -109,9 +117,11 @@ class BrewTrainConfig(BaseModel):
     lora: LoraSpec = LoraSpec()
     max_grad_norm: float = Field(1.0, gt=0)
     num_workers: int = Field(1, ge=1)
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs each worker reserves; torch uses as many threads")
     use_gpu: bool = False
     sharding: Literal["auto", "ddp", "fsdp2"] = Field("auto", description="auto: FSDP2 on GPU, DDP on CPU")
     max_failures: int = Field(1, ge=0, description="worker-group restarts from the last checkpoint")
+    progress_seconds: float = Field(30.0, gt=0, description="rank 0 logs step, loss and pace this often")
     seed: int = 0
     ray_address: str | None = Field(None, description="None: a local cluster; 'auto' or 'ray://host:port'")
 
@@ -254,6 +264,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     cfg = BrewTrainConfig.model_validate(loop_config["config"])
     pad_id = int(loop_config["pad_id"])
     device = ray.train.torch.get_device()
+    use_reserved_cpus(cfg.cpus_per_worker, device)
+    rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(cfg.seed)
     model: torch.nn.Module = _load_model(cfg, Path(loop_config["base_dir"]))
     model.to(device)
@@ -284,6 +296,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 optimizer_state = None
         wrapped.train()
         total, steps = 0.0, 0
+        expected = math.ceil(loop_config["rows"][stage] / cfg.num_workers / settings.batch_size)
+        began = last_progress = time.perf_counter()
         batches = ray.train.get_dataset_shard(stage).iter_torch_batches(
             batch_size=settings.batch_size, collate_fn=PadCollate(pad_id)
         )
@@ -296,11 +310,19 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             total, steps = total + float(loss.detach()), steps + 1
+            if rank == 0 and time.perf_counter() - last_progress >= cfg.progress_seconds:
+                last_progress = time.perf_counter()
+                elapsed = last_progress - began
+                print(  # an LLM epoch on CPU takes long: the job log shows it is alive and how fast it goes
+                    f"epoch {epoch + 1}/{len(schedule)} ({stage}) step {steps}/~{expected}: "
+                    f"loss {total / steps:.4f}, {elapsed / steps:.1f} s/step, {elapsed:.0f} s",
+                    flush=True,
+                )
         metrics = {"epoch": epoch, "stage": stage, "loss": _mean_over_workers(total, steps), "steps": steps}
         history.append(metrics)
         weights = _trainable_state(model)  # collectives: every rank takes part
         opt_state = full_optimizer_state(model, optimizer)
-        if ray.train.get_context().get_world_rank() == 0:
+        if rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 torch.save(weights, Path(tmp) / "trainable.pt")
                 torch.save(opt_state, Path(tmp) / "optimizer.pt")
@@ -388,8 +410,9 @@ def train(cfg: BrewTrainConfig) -> dict[str, Any]:
             "pad_id": tokenizer.pad_token_id
             if tokenizer.pad_token_id is not None
             else tokenizer.eos_token_id,
+            "rows": {"pretrain": len(blocks), "finetune": len(rows)},
         },
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
+        scaling_config=worker_scaling(cfg.num_workers, cfg.use_gpu, cfg.cpus_per_worker),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         run_config=RunConfig(
             name=cfg.name,

@@ -61,6 +61,7 @@ class TrainConfig(BaseModel):
     seed: int = 0
     # how it is spread
     num_workers: PositiveInt = 2
+    cpus_per_worker: PositiveInt = Field(1, description="CPUs a worker reserves; torch uses as many threads")
     use_gpu: bool = False
     strategy: Literal["ddp", "fsdp2"] = "ddp"
     shard_embeddings: bool = Field(

@@ -43,7 +43,13 @@ from workloads.models.batch import (
 from workloads.models.config import DCNv2Config, HSTUConfig, LiGRConfig
 from workloads.train.artifact import build_any_model
 from workloads.train.config import TrainConfig
-from workloads.train.sharding import full_model_state, full_optimizer_state, load_full_state, parallelize
+from workloads.train.sharding import (
+    full_model_state,
+    full_optimizer_state,
+    load_full_state,
+    parallelize,
+    use_reserved_cpus,
+)
 
 CHECKPOINT_FILE = "state.pt"
 RETRIEVAL_K = 10
@@ -329,6 +335,7 @@ def train_epoch(
         "train_events": int(totals[2]),
         "train_seconds": seconds,
         "train_events_per_s": float(totals[2]) / max(seconds, 1e-9),
+        "threads_per_worker": torch.get_num_threads(),  # what events/s was computed with
     }
 
 
@@ -387,6 +394,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = TrainConfig.model_validate(loop_config["train"])
     rank = ray.train.get_context().get_world_rank()
     device = get_device()
+    use_reserved_cpus(cfg.cpus_per_worker, device)
     task = make_task(cfg)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (FSDP2 shards each rank's copy)

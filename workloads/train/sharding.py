@@ -11,6 +11,10 @@
 
 Checkpoints hold full (unsharded) tensors keyed by parameter name, so a run can resume on a
 different number of workers or strategy, and the artifact writer never needs a process group.
+
+Each worker reserves ``cpus_per_worker`` CPUs and runs torch with that many threads: Ray pins an
+actor's ``OMP_NUM_THREADS`` to its CPU reservation, so a worker that reserves the default one CPU
+computes on one core however many cores its pod has.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from ray.train import ScalingConfig
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -36,6 +41,18 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 Strategy = Literal["ddp", "fsdp2"]
 
 _FULL_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def worker_scaling(num_workers: int, use_gpu: bool, cpus_per_worker: int) -> ScalingConfig:
+    """Ray Train's worker group: ``num_workers`` actors of ``cpus_per_worker`` CPUs (and a GPU each)."""
+    resources = {"CPU": float(cpus_per_worker), **({"GPU": 1.0} if use_gpu else {})}
+    return ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources)
+
+
+def use_reserved_cpus(cpus_per_worker: int, device: torch.device) -> None:
+    """On CPU, run as many torch threads as the worker reserved CPUs: all of them, and no more."""
+    if device.type == "cpu":
+        torch.set_num_threads(cpus_per_worker)
 
 
 def _gather_ids(ids: Tensor) -> tuple[Tensor, list[int]]:

@@ -17,12 +17,13 @@ import ray
 import ray.data
 import torch
 from ray.data.expressions import col
-from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from workloads.train.artifact import feature_spec, save_artifact
 from workloads.train.config import TrainConfig, check_inputs
 from workloads.train.loop import CHECKPOINT_FILE, train_loop_per_worker
+from workloads.train.sharding import worker_scaling
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def make_trainer(cfg: TrainConfig) -> TorchTrainer:
         train_loop_per_worker,
         train_loop_config={"train": cfg.model_dump(mode="json")},
         torch_config=TorchConfig(backend=cfg.backend),
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
+        scaling_config=worker_scaling(cfg.num_workers, cfg.use_gpu, cfg.cpus_per_worker),
         run_config=RunConfig(
             name=cfg.run_name,
             storage_path=str(cfg.storage_path.resolve()),

@@ -30,6 +30,7 @@ from operators.backends.kuberay import (
     rayjob,
     rayservice,
     resolve_storage,
+    train_worker_cpus,
 )
 from operators.pipeline import Stage, job_name, new_version, stage_config, stages
 from operators.reconcile import JobState, ObservedJob, ServingApp, StageJob
@@ -228,8 +229,21 @@ def test_stage_entrypoints_run_the_workload_modules_with_the_pipelines_config() 
             job = _stage_job(model, stage)
             command = shlex.split(rayjob(model, job, SETTINGS)["spec"]["entrypoint"])
             assert command[:4] == ["python", "-m", module, "--config-json"] and len(command) == 5
-            expected = stage_config(model.spec, label, stage, job.version, None, resolve_storage)
+            cpus = train_worker_cpus(model.spec.training.resources.cpu)
+            expected = stage_config(model.spec, label, stage, job.version, None, resolve_storage, cpus)
             assert json.loads(command[4]) == expected
+
+
+def test_training_workers_compute_on_their_pods_cpus_but_one() -> None:
+    # Ray pins a worker's torch threads to the CPUs it reserves; one CPU per pod stays for Ray Data
+    assert [train_worker_cpus(q) for q in ("8", 4, "2", "1", "500m", "7500m")] == [7, 3, 1, 1, 1, 6]
+    for label, pod_cpus in [("feed-ligr", 4), ("jobs-brew", 8)]:
+        model = MODELS[label]
+        job = _stage_job(model, Stage.TRAIN)
+        config = json.loads(shlex.split(rayjob(model, job, SETTINGS)["spec"]["entrypoint"])[4])
+        assert config["cpus_per_worker"] == pod_cpus - 1
+        (workers,) = rayjob(model, job, SETTINGS)["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+        assert workers["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"] == str(pod_cpus)
 
 
 def test_gpu_stages_land_on_the_gpu_node_pool_and_preprocessing_does_not() -> None:

@@ -88,6 +88,16 @@ def test_training_lowers_the_loss_and_publishes_a_loadable_artifact(
     assert summary["epochs"] == 2
 
 
+def test_a_worker_computes_with_as_many_threads_as_cpus_it_reserves(
+    tmp_path: Path, tiny_world: Path, tiny_examples: Path, ray_session: None
+) -> None:
+    # Ray pins an actor's OMP_NUM_THREADS to its reservation: without cpus_per_worker a worker of a
+    # 16-core pod would train on one core
+    cfg = train_config(tmp_path, tiny_world, tiny_examples, epochs=1, num_workers=1, cpus_per_worker=2)
+    result = fit(cfg)
+    assert [m["threads_per_worker"] for m in epoch_history(result)] == [2]
+
+
 def test_a_worker_crash_resumes_from_the_last_checkpoint(
     tmp_path: Path, tiny_world: Path, tiny_examples: Path, ray_session: None
 ) -> None:
