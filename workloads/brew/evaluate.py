@@ -40,7 +40,7 @@ from workloads.brew.data import (
 )
 from workloads.brew.model import load_tokenizer
 from workloads.brew.prompts import Templates, Verbalizer
-from workloads.brew.score import Scorer, ScorerConfig, make_scorer
+from workloads.brew.score import ScorerConfig, make_scorer
 from workloads.data.atomic import MANIFEST, atomic_dir
 from workloads.data.schema import data_root
 from workloads.eval.metrics import HISTORY_SLICES, auc, history_slice
@@ -67,7 +67,7 @@ class BrewEvalConfig(BaseModel):
     examples_per_task: int = Field(400, ge=2)
     eval_positive_fraction: float | None = Field(0.25, gt=0, lt=1, description="None: natural label rate")
     context_sweep: list[int] = Field(
-        [128, 256, 512, 1024], description="max_context_tokens values to score at"
+        [256, 512, 1024], description="max_context_tokens values to score at (each must hold every prompt)"
     )
     sweep_examples_per_task: int = Field(200, ge=2, description="examples per task in the context sweep")
     scorer: ScorerConfig = ScorerConfig()
@@ -98,14 +98,10 @@ def _examples(
     )
 
 
-def _score(
-    scorer: Scorer,
-    verbalizer: Verbalizer,
-    text: EntityText,
-    templates: Templates,
-    examples: list[BrewExample],
-) -> tuple[np.ndarray, np.ndarray]:
-    """P(yes) per example, and how many interactions each prompt kept after truncation."""
+def _prompts(
+    verbalizer: Verbalizer, text: EntityText, templates: Templates, examples: list[BrewExample]
+) -> tuple[list[list[int]], np.ndarray]:
+    """Each example's prompt (token ids), and how many interactions it kept after truncation."""
     prompts, used = [], []
     for ex in examples:
         task = templates.task(ex.task)
@@ -117,7 +113,7 @@ def _score(
         )
         prompts.append(p.token_ids[0])
         used.append(p.history_used)
-    return scorer.score(prompts), np.array(used)
+    return prompts, np.array(used)
 
 
 def _slices(labels: np.ndarray, brew: np.ndarray, pop: np.ndarray, lengths: np.ndarray) -> dict[str, Any]:
@@ -183,30 +179,42 @@ def evaluate(cfg: BrewEvalConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(artifact.adapter_dir or artifact.model_dir)
     text = EntityText(world, templates)
     tasks = _eval_tasks(cfg, artifact, templates)
+    # Every prompt is written before the first is scored: a budget too small for a task fails in
+    # seconds, not after an hour of scoring.
+    examples: dict[str, list[BrewExample]] = {}
+    prompts: dict[str, tuple[list[list[int]], np.ndarray]] = {}
+    sweep_prompts: dict[str, dict[int, tuple[list[list[int]], np.ndarray]]] = {}
+    for k, task in enumerate(tasks):
+        examples[task] = _examples(
+            world, templates, task, periods, cfg.examples_per_task, cfg.seed + k, cfg.eval_positive_fraction
+        )
+        if not examples[task]:
+            raise ValueError(f"no evaluation examples for task {task!r} in {periods.iso()}")
+        verbalizer = Verbalizer(templates, tokenizer, artifact.max_context_tokens)
+        prompts[task] = _prompts(verbalizer, text, templates, examples[task])
+        if task in artifact.tasks and cfg.context_sweep:
+            sub = examples[task][: cfg.sweep_examples_per_task]
+            sweep_prompts[task] = {}
+            for budget in sorted(cfg.context_sweep):
+                try:
+                    sweep_prompts[task][budget] = _prompts(
+                        Verbalizer(templates, tokenizer, budget), text, templates, sub
+                    )
+                except ValueError as err:
+                    raise ValueError(f"context_sweep: {err}; each budget must hold every prompt") from err
+
     scorer = make_scorer(artifact, cfg.scorer)
     try:
         per_task: dict[str, Any] = {}
         sweep: dict[str, Any] = {}
-        for k, task in enumerate(tasks):
-            examples = _examples(
-                world,
-                templates,
-                task,
-                periods,
-                cfg.examples_per_task,
-                cfg.seed + k,
-                cfg.eval_positive_fraction,
-            )
-            if not examples:
-                raise ValueError(f"no evaluation examples for task {task!r} in {periods.iso()}")
-            labels = np.array([e.label for e in examples])
-            brew, used = _score(scorer, Verbalizer(templates, tokenizer, artifact.max_context_tokens), text,
-                                templates, examples)  # fmt: skip
-            pop = popularity_scores(world, templates, examples, periods.eval_start)
-            lengths = np.array([e.history_len for e in examples])
+        for task in tasks:
+            labels = np.array([e.label for e in examples[task]])
+            brew, used = scorer.score(prompts[task][0]), prompts[task][1]
+            pop = popularity_scores(world, templates, examples[task], periods.eval_start)
+            lengths = np.array([e.history_len for e in examples[task]])
             per_task[task] = {
                 "zero_shot": task not in artifact.tasks,
-                "n": len(examples),
+                "n": len(examples[task]),
                 "positives": int(labels.sum()),
                 "brew_auc": _finite(auc(labels, brew)),
                 "popularity_auc": _finite(auc(labels, pop)),
@@ -216,14 +224,11 @@ def evaluate(cfg: BrewEvalConfig) -> dict[str, Any]:
                     for name, s in _slices(labels, brew, pop, lengths).items()
                 },
             }
-            if task in artifact.tasks and cfg.context_sweep:
-                sub = examples[: cfg.sweep_examples_per_task]
-                sub_labels = labels[: len(sub)]
+            if task in sweep_prompts:
                 sweep[task] = {}
-                for budget in sorted(cfg.context_sweep):
-                    scores, used_b = _score(
-                        scorer, Verbalizer(templates, tokenizer, budget), text, templates, sub
-                    )
+                for budget, (budget_prompts, used_b) in sweep_prompts[task].items():
+                    sub_labels = labels[: len(budget_prompts)]
+                    scores = scorer.score(budget_prompts)
                     sweep[task][str(budget)] = {
                         "auc": _finite(auc(sub_labels, scores)),
                         "mean_history_in_prompt": float(used_b.mean()),

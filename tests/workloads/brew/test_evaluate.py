@@ -41,6 +41,27 @@ def test_evaluate_reports_tasks_slices_context_sweep_and_zero_shot(
 
 
 @pytest.mark.slow
+def test_a_sweep_budget_too_small_for_a_prompt_fails_before_anything_is_scored(
+    lora_training: Any, tiny_world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_scoring(*_: Any) -> None:
+        raise AssertionError("a scorer was started before every prompt was known to fit")
+
+    monkeypatch.setattr("workloads.brew.evaluate.make_scorer", no_scoring)
+    cfg = BrewEvalConfig(
+        artifact_dir=Path(lora_training[1]["artifact"]),
+        world_dir=tiny_world,
+        out_dir=tmp_path / "eval",
+        examples_per_task=8,
+        context_sweep=[64, 512],
+        sweep_examples_per_task=4,
+    )
+    with pytest.raises(ValueError, match=r"context_sweep: max_context_tokens=64 cannot hold the '\w+'"):
+        evaluate(cfg)
+    assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.slow
 def test_the_operator_evaluate_stage_gates_brew_against_popularity(
     lora_training: Any, tiny_world: Path, tmp_path: Path
 ) -> None:
