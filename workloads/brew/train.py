@@ -115,6 +115,11 @@ class BrewTrainConfig(BaseModel):
     finetune: StageConfig = StageConfig(epochs=2, lr=5e-4)
     finetune_mode: Literal["full", "lora"] = "full"
     lora: LoraSpec = LoraSpec()
+    merge_lora: bool = Field(
+        False,
+        description="publish LoRA merged into the base weights: one plain HF folder, no adapter "
+        "(vLLM's CPU build scored ~5x slower with an adapter than with merged weights)",
+    )
     max_grad_norm: float = Field(1.0, gt=0)
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: int = Field(1, ge=1, description="CPUs each worker reserves; torch uses as many threads")
@@ -135,6 +140,8 @@ class BrewTrainConfig(BaseModel):
                 )
         if self.pretrain.epochs + self.finetune.epochs == 0:
             raise ValueError("pretrain.epochs + finetune.epochs must be at least 1")
+        if self.merge_lora and self.finetune_mode != "lora":
+            raise ValueError("merge_lora: there is no adapter to merge unless finetune_mode is lora")
         return self
 
     @property
@@ -355,7 +362,9 @@ def _publish(
     out = cfg.out_dir / "artifact"
     with atomic_dir(out) as tmp:
         shutil.copy(cfg.templates_file, tmp / "templates.yaml")
-        if cfg.finetune_mode == "lora":
+        if isinstance(model, PeftModel) and cfg.merge_lora:
+            model = model.merge_and_unload()  # W + (alpha / r) B A, in place of the adapter
+        if isinstance(model, PeftModel):
             model.save_pretrained(str(tmp / "adapter"))  # PEFT writes only the adapter weights
             tokenizer.save_pretrained(tmp / "adapter")
             model_dir, adapter_dir = base_dir.resolve(), Path("adapter")

@@ -7,11 +7,16 @@ from typing import Any
 
 import numpy as np
 import pytest
+import ray.train
 import torch
 from transformers import AutoModelForCausalLM
 
 from workloads.brew.artifact import load_artifact
-from workloads.brew.train import IGNORE, BrewTrainConfig, answer_only_example, collate, train
+from workloads.brew.data import Periods
+from workloads.brew.model import load_tokenizer
+from workloads.brew.prompts import Templates
+from workloads.brew.score import ScorerConfig, TransformersScorer
+from workloads.brew.train import IGNORE, BrewTrainConfig, _publish, answer_only_example, collate, train
 
 
 def test_loss_is_on_the_answer_token_only_predicted_from_the_last_prompt_position(tiny_base: Path) -> None:
@@ -56,3 +61,35 @@ def test_rerun_with_the_same_name_resumes_after_the_last_checkpoint(lora_trainin
     second = train(longer)
     assert second["epochs"][: len(first["epochs"])] == first["epochs"]  # finished epochs are not redone
     assert [e["epoch"] for e in second["epochs"]] == [0, 1, 2, 3, 4]
+
+
+def test_merge_lora_publishes_one_folder_that_scores_like_the_adapter(
+    lora_training: Any, tmp_path: Path, templates: Templates, periods: Periods
+) -> None:
+    cfg, summary = lora_training
+    adapter = load_artifact(Path(summary["artifact"]))
+    checkpoints = (cfg.out_dir / "ray" / cfg.name).glob("checkpoint_*/trainable.pt")
+    last = max(checkpoints, key=lambda p: p.stat().st_mtime).parent
+    merged_cfg = cfg.model_copy(update={"out_dir": tmp_path, "merge_lora": True})
+    folder = _publish(
+        merged_cfg, adapter.model_dir, ray.train.Checkpoint.from_directory(last),
+        load_tokenizer(adapter.model_dir), templates, periods, {},
+    )  # fmt: skip
+    merged = load_artifact(folder)
+    assert merged.adapter_dir is None and merged.lora_rank is None
+    assert (merged.model_dir / "config.json").is_file() and not (folder / "adapter").exists()
+
+    tokenizer = load_tokenizer(merged.model_dir)
+    texts = ["Member Profile: Data Scientist in Berlin. Question: Will the member apply? Answer:", "Answer:"]
+    prompts = [tokenizer(t)["input_ids"] for t in texts]
+    config = ScorerConfig(backend="transformers")
+    np.testing.assert_allclose(
+        TransformersScorer(merged, config).score(prompts),
+        TransformersScorer(adapter, config).score(prompts),
+        atol=1e-5,
+    )
+
+
+def test_merge_lora_without_lora_is_refused() -> None:
+    with pytest.raises(ValueError, match="merge_lora"):
+        BrewTrainConfig(finetune_mode="full", merge_lora=True)
