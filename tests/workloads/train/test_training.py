@@ -88,20 +88,15 @@ def test_training_lowers_the_loss_and_publishes_a_loadable_artifact(
     assert summary["epochs"] == 2
 
 
-def test_a_worker_computes_with_as_many_threads_as_cpus_it_reserves(
-    tmp_path: Path, tiny_world: Path, tiny_examples: Path, ray_session: None
-) -> None:
-    # Ray pins an actor's OMP_NUM_THREADS to its reservation: without cpus_per_worker a worker of a
-    # 16-core pod would train on one core
-    cfg = train_config(tmp_path, tiny_world, tiny_examples, epochs=1, num_workers=1, cpus_per_worker=2)
-    result = fit(cfg)
-    assert [m["threads_per_worker"] for m in epoch_history(result)] == [2]
-
-
 def test_a_worker_crash_resumes_from_the_last_checkpoint(
     tmp_path: Path, tiny_world: Path, tiny_examples: Path, ray_session: None
 ) -> None:
-    cfg = train_config(tmp_path, tiny_world, tiny_examples, epochs=2, crash_at_epoch=2, max_failures=1)
+    # one worker of two CPUs: Ray pins an actor's OMP_NUM_THREADS to its reservation, so without
+    # cpus_per_worker a worker of a 16-core pod would train on one core
+    cfg = train_config(
+        tmp_path, tiny_world, tiny_examples, epochs=2, crash_at_epoch=2, max_failures=1,
+        num_workers=1, cpus_per_worker=2,
+    )  # fmt: skip
     result = fit(cfg)
 
     history = epoch_history(result)
@@ -110,6 +105,7 @@ def test_a_worker_crash_resumes_from_the_last_checkpoint(
     assert (cfg.storage_path / cfg.run_name / ".crash-injected-epoch-2").exists()
     epoch_1 = state_digest(checkpoint_weights(result, 1))
     assert history[1]["restored_weights_sha256"] == epoch_1  # the restarted workers hold epoch 1's weights
+    assert [m["threads_per_worker"] for m in history] == [2, 2]  # before and after the restart
 
 
 def test_a_new_job_with_the_same_name_continues_sharded(
