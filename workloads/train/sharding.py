@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from ray.train import ScalingConfig
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -38,6 +37,9 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
+if TYPE_CHECKING:
+    from ray.train import ScalingConfig
+
 Strategy = Literal["ddp", "fsdp2"]
 
 _FULL_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -45,6 +47,8 @@ _FULL_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 def worker_scaling(num_workers: int, use_gpu: bool, cpus_per_worker: int) -> ScalingConfig:
     """Ray Train's worker group: ``num_workers`` actors of ``cpus_per_worker`` CPUs (and a GPU each)."""
+    from ray.train import ScalingConfig  # only here: plain torch.distributed processes import this module
+
     resources = {"CPU": float(cpus_per_worker), **({"GPU": 1.0} if use_gpu else {})}
     return ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources)
 
