@@ -12,20 +12,26 @@ from workloads.brew.evaluate import BrewEvalConfig, evaluate
 from workloads.brew.score import ScorerConfig
 
 
+def eval_config(lora_training: Any, tiny_world: Path, tmp_path: Path, **settings: Any) -> BrewEvalConfig:
+    """Evaluate the fixture's trained tiny artifact on the tiny world into ``tmp_path/eval``."""
+    return BrewEvalConfig(
+        artifact_dir=Path(lora_training[1]["artifact"]),
+        world_dir=tiny_world,
+        out_dir=tmp_path / "eval",
+        **settings,
+    )
+
+
 @pytest.mark.slow
 def test_evaluate_reports_tasks_slices_context_sweep_and_zero_shot(
     lora_training: Any, tiny_world: Path, tmp_path: Path
 ) -> None:
-    cfg = BrewEvalConfig(
-        artifact_dir=Path(lora_training[1]["artifact"]),
-        world_dir=tiny_world,
-        out_dir=tmp_path / "eval",
-        examples_per_task=24,
-        context_sweep=[256, 512],
-        sweep_examples_per_task=12,
-        scorer=ScorerConfig(backend="transformers"),
-    )
-    evaluate(cfg)
+    evaluate(
+        eval_config(
+            lora_training, tiny_world, tmp_path, examples_per_task=24, context_sweep=[256, 512],
+            sweep_examples_per_task=12, scorer=ScorerConfig(backend="transformers"),
+        )
+    )  # fmt: skip
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert set(metrics["tasks"]) == {"job_apply", "feed_like", "follow_actor"}  # the artifact's T1 + every T2
     assert metrics["tasks"]["follow_actor"]["zero_shot"] and not metrics["tasks"]["feed_like"]["zero_shot"]
@@ -48,14 +54,10 @@ def test_a_sweep_budget_too_small_for_a_prompt_fails_before_anything_is_scored(
         raise AssertionError("a scorer was started before every prompt was known to fit")
 
     monkeypatch.setattr("workloads.brew.evaluate.make_scorer", no_scoring)
-    cfg = BrewEvalConfig(
-        artifact_dir=Path(lora_training[1]["artifact"]),
-        world_dir=tiny_world,
-        out_dir=tmp_path / "eval",
-        examples_per_task=8,
-        context_sweep=[64, 512],
+    cfg = eval_config(
+        lora_training, tiny_world, tmp_path, examples_per_task=8, context_sweep=[64, 512],
         sweep_examples_per_task=4,
-    )
+    )  # fmt: skip
     with pytest.raises(ValueError, match=r"context_sweep: max_context_tokens=64 cannot hold the '\w+'"):
         evaluate(cfg)
     assert not (tmp_path / "eval").exists()
