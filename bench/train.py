@@ -10,7 +10,9 @@
    so both paths compute the same numbers; the ratio is per-candidate time / single-pass time.
 
 Usage: ``python -m bench.train [--history 128] [--candidates 10 100 500] [--steps 20] [--batch 32]``.
-CPU only here; on a GPU the same code uses FlexAttention (``attn_impl=auto``).
+On a GPU (``--device cuda``, the default where one is present) LiGR is timed with each of ``--attn``
+(``flex``: compiled FlexAttention over the block mask; ``sdpa``: the dense boolean mask) under bf16
+autocast, as the trainer runs it, and the peak GPU memory of every row is reported.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,11 +29,10 @@ from typing import Any
 import torch
 
 from workloads.data.schema import CONTENT_DIM, COUNTER_FEATURES, N_AGE_BUCKETS, TASKS, Action, PostType
-from workloads.eval.experiments import dense_params, equal_size_hstu
 from workloads.models.base import RankingModel
 from workloads.models.batch import RankingBatch
 from workloads.models.config import HSTUConfig, LiGRConfig
-from workloads.models.registry import build_model
+from workloads.models.registry import build_model, dense_params, equal_size_hstu
 
 
 def random_requests(batch: int, history: int, candidates: int, seed: int = 0) -> RankingBatch:
@@ -62,36 +64,54 @@ def random_requests(batch: int, history: int, candidates: int, seed: int = 0) ->
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
+    """Median wall time of ``fn``; on a GPU each call is waited for (kernels run asynchronously)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):  # the first calls also compile FlexAttention's kernels
         fn()
+    sync()
     times = []
     for _ in range(repeats):
         began = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - began)
     return statistics.median(times)
 
 
-def training_throughput(cfg: LiGRConfig | HSTUConfig, batch: RankingBatch, steps: int) -> dict[str, Any]:
+def peak_memory_mib(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+
+
+def training_throughput(
+    cfg: LiGRConfig | HSTUConfig, batch: RankingBatch, steps: int, device: torch.device
+) -> dict[str, Any]:
     torch.manual_seed(0)
-    model = build_model(cfg).train()
+    model = build_model(cfg).to(device).train()
     optimizer = torch.optim.AdamW(model.param_groups())
+    batch = batch.to(device)
 
     def step() -> None:
-        out = model(batch)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = model(batch)
         assert out.loss is not None
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
 
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     seconds = median_seconds(step, steps)
     events = int(batch.hist_mask.sum() + batch.cand_mask.sum())
     return {
         "kind": cfg.kind,
+        "attn": cfg.attn_impl if cfg.kind == "ligr" else "dense SiLU",
         "n_layers": cfg.n_layers,
         "dense_params": dense_params(model),
         "step_ms": round(1000 * seconds, 1),
         "events_per_s": round(events / seconds),
+        "peak_mib": peak_memory_mib(device),
     }
 
 
@@ -120,9 +140,9 @@ def rows(batch: RankingBatch, start: int, stop: int) -> RankingBatch:
 
 @torch.no_grad()
 def scoring_cost(
-    model: RankingModel, history: int, candidates: int, repeats: int, chunk: int
+    model: RankingModel, history: int, candidates: int, repeats: int, chunk: int, device: torch.device
 ) -> dict[str, Any]:
-    request = random_requests(1, history, candidates, seed=candidates)
+    request = random_requests(1, history, candidates, seed=candidates).to(device)
     singles = split_candidates(request)
     score = model.score_pointwise
 
@@ -140,6 +160,12 @@ def scoring_cost(
     }
 
 
+def progress(row: dict[str, Any]) -> dict[str, Any]:
+    """Each figure on stderr as soon as it is measured (compiling FlexAttention takes minutes on a GPU)."""
+    print(time.strftime("%H:%M:%S"), json.dumps(row), file=sys.stderr, flush=True)
+    return row
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--history", type=int, default=128, help="history events per request")
@@ -152,31 +178,45 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--attn", nargs="+", default=["auto"], choices=["auto", "flex", "sdpa"], help="LiGR attention kernels"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
 
     max_candidates = max([*args.candidates, args.train_candidates])
-    ligr = LiGRConfig(
-        d_model=args.d_model,
-        n_layers=args.layers,
-        n_heads=2,
-        max_history=args.history,
-        max_candidates=max_candidates,
-        max_tokens=2 * args.history + max_candidates,
-        dropout=0.0,
-    )
-    hstu = equal_size_hstu(ligr)
+    ligr_by_attn = [
+        LiGRConfig(
+            d_model=args.d_model,
+            n_layers=args.layers,
+            n_heads=2,
+            max_history=args.history,
+            max_candidates=max_candidates,
+            max_tokens=2 * args.history + max_candidates,
+            dropout=0.0,
+            attn_impl=attn,
+        )
+        for attn in args.attn
+    ]
+    hstu = equal_size_hstu(ligr_by_attn[0])
     train_batch = random_requests(args.batch, args.history, args.train_candidates)
-    throughput = [training_throughput(cfg, train_batch, args.steps) for cfg in (ligr, hstu)]
+    configs: list[LiGRConfig | HSTUConfig] = [*ligr_by_attn, hstu]
+    throughput = [progress(training_throughput(cfg, train_batch, args.steps, device)) for cfg in configs]
 
     torch.manual_seed(0)
-    scorer = build_model(ligr).eval()
-    scoring = [scoring_cost(scorer, args.history, n, args.repeats, args.chunk) for n in args.candidates]
+    scorer = build_model(ligr_by_attn[0]).to(device).eval()
+    scoring = [
+        progress(scoring_cost(scorer, args.history, n, args.repeats, args.chunk, device))
+        for n in args.candidates
+    ]
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     result = {
-        "settings": {**vars(args), "device": "cpu", "torch": torch.__version__},
+        "settings": {**vars(args), "gpu": gpu, "torch": torch.__version__},
         "training": throughput,
         "ligr_over_hstu_events_per_s": round(
-            throughput[0]["events_per_s"] / throughput[1]["events_per_s"], 2
+            throughput[0]["events_per_s"] / throughput[-1]["events_per_s"], 2
         ),
         "scoring": scoring,
     }

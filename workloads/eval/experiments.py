@@ -28,7 +28,6 @@ from typing import Any, Literal
 
 import ray
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
-from torch import nn
 
 from workloads.data.movielens import prepare as prepare_movielens
 from workloads.data.preprocess import PreprocessConfig
@@ -39,8 +38,8 @@ from workloads.eval.evaluate import EvalConfig, Gate
 from workloads.eval.evaluate import run as evaluate
 from workloads.eval.metrics import auc_standard_error
 from workloads.eval.plots import comparison_plot, scaling_plot
-from workloads.models.config import HSTUConfig, LiGRConfig
-from workloads.models.registry import build_model
+from workloads.models.config import LiGRConfig
+from workloads.models.registry import build_model, dense_params, equal_size_hstu
 from workloads.train.config import TrainConfig
 from workloads.train.trainer import train_and_publish
 
@@ -71,24 +70,6 @@ class ExperimentConfig(BaseModel):
     seed: int = 0
     out: Path = Field(default_factory=lambda: data_root() / "experiments")
     img_dir: Path = Path("docs/img")
-
-
-def dense_params(model: nn.Module) -> int:
-    """Parameters outside embedding tables (what the paper's compute axis counts)."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    return sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
-
-
-def equal_size_hstu(ligr: LiGRConfig) -> HSTUConfig:
-    """The HSTU variant (same width, tokens and heads) whose dense parameter count is closest to LiGR's.
-
-    At the same history length this is also equal training compute (the paper's FLOPs axis is dense
-    parameters times sequence length): an HSTU layer has about 5 d^2 weights, a gated LiGR block 14 d^2.
-    """
-    shared = ligr.model_dump(exclude={"kind", "ffn_mult"})
-    target = dense_params(build_model(ligr))
-    options = [HSTUConfig(**{**shared, "n_layers": n}) for n in range(1, 8 * ligr.n_layers + 1)]
-    return min(options, key=lambda cfg: abs(dense_params(build_model(cfg)) - target))
 
 
 def _key(payload: Any) -> str:

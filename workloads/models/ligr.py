@@ -295,7 +295,9 @@ class RelativeBucketBias(nn.Module):
 
     def forward(self, position: Tensor) -> Tensor:  # position: (B, L) -> (B, nh, L, L)
         bucket = relative_buckets(position[:, None, :] - position[:, :, None], self.n_buckets)  # (B, L, L)
-        return self.bias[:, bucket].permute(1, 0, 2, 3)
+        # an embedding lookup rather than ``bias[:, bucket]``: on a GPU the backward of that indexing adds
+        # B*L*L gradients into nh*n_buckets cells one atomic add at a time; embedding's backward sorts
+        return F.embedding(bucket, self.bias.t()).permute(0, 3, 1, 2)  # (B, L, L, nh) -> (B, nh, L, L)
 
 
 # --- Attention kernels, chosen by name --------------------------------------------------------------
@@ -327,6 +329,17 @@ def _compiled_flex_attention() -> Callable[..., Any]:
     return cast(Callable[..., Any], torch.compile(flex_attention))
 
 
+FLEX_MIN_HEAD_DIM = 16  # the compiled Triton kernels refuse smaller query/key/value head dims
+# Smaller backward tiles for half-precision head dims >= 128: on an H100 the default backward tiles
+# needed 236,544 bytes of shared memory (limit 232,448) and compiling the backward pass failed.
+FLEX_LARGE_HEAD_BACKWARD = {"BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32}
+
+
+def flex_kernel_options(q: Tensor) -> dict[str, int] | None:
+    large_half = q.shape[-1] >= 128 and q.dtype in (torch.bfloat16, torch.float16)
+    return FLEX_LARGE_HEAD_BACKWARD if large_half and q.requires_grad else None
+
+
 def flex_attention_kernel(
     q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, bias: Tensor | None
 ) -> Tensor:
@@ -334,6 +347,8 @@ def flex_attention_kernel(
     if not q.is_cuda and q.requires_grad:
         # torch 2.13's CPU FlexAttention has no backward pass: train on CPU with the dense mask
         return sdpa_attention(q, k, v, mask, bias)
+    if q.is_cuda and q.shape[-1] < FLEX_MIN_HEAD_DIM:
+        return sdpa_attention(q, k, v, mask, bias)  # tiny heads (test-sized models): the dense kernel
     score_mod = None
     if bias is not None:
         bias_table = bias
@@ -343,7 +358,10 @@ def flex_attention_kernel(
 
     if q.is_cuda:
         flex = _compiled_flex_attention()
-        return cast(Tensor, flex(q, k, v, score_mod=score_mod, block_mask=mask.block_mask()))
+        options = flex_kernel_options(q)
+        return cast(
+            Tensor, flex(q, k, v, score_mod=score_mod, block_mask=mask.block_mask(), kernel_options=options)
+        )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         return cast(Tensor, flex_attention(q, k, v, score_mod=score_mod, block_mask=mask.block_mask()))

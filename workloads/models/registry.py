@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from pydantic import Field, TypeAdapter
+from torch import nn
 
 from workloads.models.base import NextItemModel, RankingModel, RankingOutput
 from workloads.models.config import (
@@ -78,3 +79,21 @@ def build_retrieval_model(cfg: LiGRRetrievalConfig | SASRecConfig) -> NextItemMo
         case SASRecConfig():
             return SASRec(cfg)
     raise TypeError(f"build_retrieval_model: not a retrieval config: {type(cfg).__name__}")
+
+
+def dense_params(model: nn.Module) -> int:
+    """Parameters outside embedding tables (what the paper's compute axis counts)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    return sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
+
+
+def equal_size_hstu(ligr: LiGRConfig) -> HSTUConfig:
+    """The HSTU variant (same width, tokens and heads) whose dense parameter count is closest to LiGR's.
+
+    At the same history length this is also equal training compute (the paper's FLOPs axis is dense
+    parameters times sequence length): an HSTU layer has about 5 d^2 weights, a gated LiGR block 14 d^2.
+    """
+    shared = ligr.model_dump(exclude={"kind", "ffn_mult"})
+    target = dense_params(build_model(ligr))
+    options = [HSTUConfig(**{**shared, "n_layers": n}) for n in range(1, 8 * ligr.n_layers + 1)]
+    return min(options, key=lambda cfg: abs(dense_params(build_model(cfg)) - target))
