@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import ray
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt, field_validator
 
 from workloads.data.movielens import prepare as prepare_movielens
 from workloads.data.preprocess import PreprocessConfig
@@ -67,9 +67,19 @@ class ExperimentConfig(BaseModel):
     max_history: PositiveInt = 64
     num_workers: PositiveInt = 2
     movielens_epochs: PositiveInt = 30
+    setwise_effects: tuple[NonNegativeFloat, ...] = Field(
+        (DEFAULT_SETWISE_EFFECT, 0.0),
+        min_length=1,
+        description="the worlds' setwise_effect in the set-wise experiment, comma-separated (e.g. 3,0.8,0)",
+    )
     seed: int = 0
     out: Path = Field(default_factory=lambda: data_root() / "experiments")
     img_dir: Path = Path("docs/img")
+
+    @field_validator("setwise_effects", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        return tuple(value.split(",")) if isinstance(value, str) else value
 
 
 def _key(payload: Any) -> str:
@@ -213,7 +223,7 @@ def setwise(lab: Lab) -> dict[str, Any]:
         "off": "ligr-pointwise",
     }
     rows = []
-    for effect in (DEFAULT_SETWISE_EFFECT, 0.0):
+    for effect in lab.cfg.setwise_effects:
         world = lab.world(effect)
         examples = lab.examples(world)
         artifacts = {

@@ -19,6 +19,8 @@ from workloads.models.registry import (
     SASRecConfig,
     build_model,
     build_retrieval_model,
+    dense_params,
+    equal_size_hstu,
     parse_model_config,
     parse_retrieval_config,
 )
@@ -119,3 +121,24 @@ def test_param_groups_split_embedding_tables_from_dense_layers(
     out.loss.backward()
     optimizer.step()
     assert [g["lr"] for g in optimizer.param_groups] == [0.01, 0.001]
+
+
+def test_equal_size_hstu_is_the_depth_closest_to_ligr_in_dense_parameters() -> None:
+    ligr = LiGRConfig(d_model=32, n_layers=2, n_heads=2, max_history=16, max_candidates=8)
+    hstu = equal_size_hstu(ligr)
+    target = dense_params(build_model(ligr))
+
+    def gap(n_layers: int) -> int:
+        return abs(dense_params(build_model(hstu.model_copy(update={"n_layers": n_layers}))) - target)
+
+    assert (hstu.d_model, hstu.n_heads, hstu.max_history) == (ligr.d_model, ligr.n_heads, ligr.max_history)
+    assert hstu.n_layers > ligr.n_layers  # an HSTU layer has fewer weights than a gated LiGR block
+    assert gap(hstu.n_layers) <= min(gap(hstu.n_layers - 1), gap(hstu.n_layers + 1))
+    assert gap(hstu.n_layers) < 0.1 * target
+
+
+def test_dense_params_leave_out_the_embedding_tables() -> None:
+    model = build_model(LiGRConfig(d_model=32, n_layers=2, n_heads=2, max_history=16, max_candidates=8))
+    tables = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    assert tables > 0
+    assert dense_params(model) == sum(p.numel() for p in model.parameters()) - tables
