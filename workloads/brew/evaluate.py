@@ -10,7 +10,8 @@ On the evaluation period (right after training, the same boundaries as preproces
 
 AUC does not depend on the class balance, so rare positives (applies are ~2% of job impressions)
 may be over-sampled with ``eval_positive_fraction`` to get a stable estimate from a few hundred
-prompts. Writes ``metrics.json`` and plots into ``out_dir``, atomically.
+prompts. Writes ``metrics.json``, ``scores.parquet`` (every example's scores, so other models can be
+compared on the same pairs: `workloads.brew.compare`) and plots into ``out_dir``, atomically.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 import matplotlib
 import numpy as np
+import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from workloads.brew.artifact import BrewArtifact, load_artifact
@@ -131,6 +133,25 @@ def _slices(labels: np.ndarray, brew: np.ndarray, pop: np.ndarray, lengths: np.n
     return out
 
 
+def scores_frame(
+    examples: list[BrewExample], brew: np.ndarray, popularity: np.ndarray, used: np.ndarray
+) -> pd.DataFrame:
+    """One row per example: the pair, its label and time, and each scorer's score (``scores.parquet``)."""
+    return pd.DataFrame(
+        {
+            "task": [e.task for e in examples],
+            "member_id": np.array([e.member_id for e in examples], dtype=np.int64),
+            "question_id": np.array([e.question_id for e in examples], dtype=np.int64),  # item or actor id
+            "at": np.array([e.at for e in examples], dtype=np.int64),  # us: session start (T2: period start)
+            "label": np.array([e.label for e in examples], dtype=np.int64),
+            "history_len": np.array([e.history_len for e in examples], dtype=np.int64),
+            "history_in_prompt": used.astype(np.int64),
+            "brew": brew.astype(np.float64),
+            "popularity": popularity.astype(np.float64),
+        }
+    )
+
+
 def _finite(x: float) -> float | None:
     return None if math.isnan(x) else round(x, 4)
 
@@ -207,13 +228,16 @@ def evaluate(cfg: BrewEvalConfig) -> dict[str, Any]:
     try:
         per_task: dict[str, Any] = {}
         sweep: dict[str, Any] = {}
+        frames: list[pd.DataFrame] = []  # scores.parquet
         for task in tasks:
             labels = np.array([e.label for e in examples[task]])
             brew, used = scorer.score(prompts[task][0]), prompts[task][1]
             pop = popularity_scores(world, templates, examples[task], periods.eval_start)
             lengths = np.array([e.history_len for e in examples[task]])
+            frames.append(scores_frame(examples[task], brew, pop, used))
             per_task[task] = {
                 "zero_shot": task not in artifact.tasks,
+                "label_action": templates.task(task).label_action,
                 "n": len(examples[task]),
                 "positives": int(labels.sum()),
                 "brew_auc": _finite(auc(labels, brew)),
@@ -240,6 +264,7 @@ def evaluate(cfg: BrewEvalConfig) -> dict[str, Any]:
         "artifact": artifact.version,
         "max_context_tokens": artifact.max_context_tokens,
         "scorer": cfg.scorer.backend,
+        "world_dir": str(Path(cfg.world_dir).resolve()),
         "eval_period": periods.iso(),
         "eval_positive_fraction": cfg.eval_positive_fraction,
         "tasks": per_task,
@@ -247,6 +272,7 @@ def evaluate(cfg: BrewEvalConfig) -> dict[str, Any]:
     }
     with atomic_dir(cfg.out_dir) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        pd.concat(frames, ignore_index=True).to_parquet(tmp / "scores.parquet", index=False)
         _plots(metrics, tmp)
         (tmp / MANIFEST).write_text(json.dumps({"kind": "brew-eval", "artifact": artifact.version}))
     return {"out": str(cfg.out_dir), **{t: (m["brew_auc"], m["popularity_auc"]) for t, m in per_task.items()}}

@@ -6,10 +6,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 
 from workloads.brew.evaluate import BrewEvalConfig, evaluate
 from workloads.brew.score import ScorerConfig
+from workloads.eval.metrics import auc
+
+LABELS = {"job_apply": "apply", "feed_like": "like"}
 
 
 def eval_config(lora_training: Any, tiny_world: Path, tmp_path: Path, **settings: Any) -> BrewEvalConfig:
@@ -39,6 +43,14 @@ def test_evaluate_reports_tasks_slices_context_sweep_and_zero_shot(
         assert task["n"] == 24 and 0 < task["positives"] < 24
         assert 0.0 <= task["brew_auc"] <= 1.0 and 0.0 <= task["popularity_auc"] <= 1.0
         assert sum(s["n"] for s in task["by_history"].values()) <= task["n"]
+    scores = pd.read_parquet(tmp_path / "eval" / "scores.parquet")  # what workloads.brew.compare reads
+    for name, task in metrics["tasks"].items():
+        rows = scores[scores["task"] == name]
+        assert len(rows) == 24 and task["label_action"] == LABELS.get(name)  # follow_actor: None
+        assert auc(rows["label"], rows["brew"]) == pytest.approx(task["brew_auc"], abs=1e-4)
+        assert auc(rows["label"], rows["popularity"]) == pytest.approx(task["popularity_auc"], abs=1e-4)
+        assert rows["history_in_prompt"].mean() == pytest.approx(task["mean_history_in_prompt"])
+    assert metrics["world_dir"] == str(tiny_world.resolve())
     sweep = metrics["context_sweep"]["feed_like"]
     assert set(sweep) == {"256", "512"}
     assert sweep["256"]["mean_history_in_prompt"] <= sweep["512"]["mean_history_in_prompt"]
