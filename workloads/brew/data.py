@@ -292,6 +292,25 @@ def popularity_scores(
     return scores
 
 
+def author_in_prompt_scores(
+    world: World, templates: Templates, examples: list[BrewExample], used: np.ndarray
+) -> np.ndarray:
+    """How many of the interactions a prompt shows (its last ``used`` history items) are by the question's
+    author (T2: the question actor; T1: the question item's author or hiring company).
+
+    Not a competitor but a reading aid: it says how much the prompt itself gives away, so a model
+    below it has not learned to read its own context (the T2 follow task is the case in point).
+    """
+    item_actor = world.items["actor_id"]
+    scores = np.zeros(len(examples))
+    for k, (ex, shown) in enumerate(zip(examples, used.tolist(), strict=True)):
+        task = templates.task(ex.task)
+        author = ex.question_id if task.question_entity == "actor" else int(item_actor.at[ex.question_id])
+        visible = ex.history_items[len(ex.history_items) - shown :] if shown else ex.history_items[:0]
+        scores[k] = int((item_actor.loc[visible].to_numpy() == author).sum())
+    return scores
+
+
 def entity_corpus(world: World, text: EntityText, before: int) -> Iterator[str]:
     """Raw entity text for continued pretraining: profiles, jobs and posts that exist before `before`."""
     for member_id in world.members.index.tolist():

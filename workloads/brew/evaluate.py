@@ -33,6 +33,7 @@ from workloads.brew.data import (
     Periods,
     TimeSplit,
     World,
+    author_in_prompt_scores,
     follow_examples,
     history_events,
     impression_examples,
@@ -134,7 +135,11 @@ def _slices(labels: np.ndarray, brew: np.ndarray, pop: np.ndarray, lengths: np.n
 
 
 def scores_frame(
-    examples: list[BrewExample], brew: np.ndarray, popularity: np.ndarray, used: np.ndarray
+    examples: list[BrewExample],
+    brew: np.ndarray,
+    popularity: np.ndarray,
+    used: np.ndarray,
+    author_in_prompt: np.ndarray,
 ) -> pd.DataFrame:
     """One row per example: the pair, its label and time, and each scorer's score (``scores.parquet``)."""
     return pd.DataFrame(
@@ -148,6 +153,7 @@ def scores_frame(
             "history_in_prompt": used.astype(np.int64),
             "brew": brew.astype(np.float64),
             "popularity": popularity.astype(np.float64),
+            "author_in_prompt": author_in_prompt.astype(np.float64),
         }
     )
 
@@ -234,7 +240,8 @@ def evaluate(cfg: BrewEvalConfig) -> dict[str, Any]:
             brew, used = scorer.score(prompts[task][0]), prompts[task][1]
             pop = popularity_scores(world, templates, examples[task], periods.eval_start)
             lengths = np.array([e.history_len for e in examples[task]])
-            frames.append(scores_frame(examples[task], brew, pop, used))
+            in_prompt = author_in_prompt_scores(world, templates, examples[task], used)
+            frames.append(scores_frame(examples[task], brew, pop, used, in_prompt))
             per_task[task] = {
                 "zero_shot": task not in artifact.tasks,
                 "label_action": templates.task(task).label_action,
@@ -242,6 +249,7 @@ def evaluate(cfg: BrewEvalConfig) -> dict[str, Any]:
                 "positives": int(labels.sum()),
                 "brew_auc": _finite(auc(labels, brew)),
                 "popularity_auc": _finite(auc(labels, pop)),
+                "author_in_prompt_auc": _finite(auc(labels, in_prompt)),
                 "mean_history_in_prompt": float(used.mean()),
                 "by_history": {
                     name: {k2: (_finite(v) if isinstance(v, float) else v) for k2, v in s.items()}

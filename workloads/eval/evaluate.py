@@ -89,6 +89,7 @@ class ScoredCandidates:
     labels: np.ndarray  # (N, T)
     history_len: np.ndarray  # (N,) events before the session (the full history, not the truncated one)
     rows: int  # sessions
+    setwise_logits: np.ndarray | None = None  # (N, T) the set-wise part of the logit, for models with one
 
 
 def _numpy_rows(table: pa.Table) -> dict[str, np.ndarray]:
@@ -119,7 +120,7 @@ def score_examples(
     if spec.get("semantic_ids_source"):
         codebook = artifact.config["model"]["sid_codebook_size"]
         sids = SemanticIdTable.from_parquet(spec["semantic_ids_source"], codebook)
-    probs, labels, history = [], [], []
+    probs, labels, history, setwise = [], [], [], []
     for start in range(0, examples.num_rows, batch_size):
         rows = _numpy_rows(examples.slice(start, batch_size))
         batch = collate(rows, content, spec["max_history"], spec["max_candidates"], sids)
@@ -130,12 +131,15 @@ def score_examples(
         labels.append(batch.labels[mask].numpy())
         per_candidate = np.broadcast_to(rows["history_len"][:, None], mask.shape)
         history.append(per_candidate[mask.numpy()])
+        if output.setwise_logits is not None:
+            setwise.append(output.setwise_logits.float()[mask].numpy())
     empty = np.zeros((0, len(TASKS)))
     return ScoredCandidates(
         probs=np.concatenate(probs or [empty]),
         labels=np.concatenate(labels or [empty]),
         history_len=np.concatenate(history or [np.zeros(0, dtype=np.int64)]),
         rows=examples.num_rows,
+        setwise_logits=np.concatenate(setwise) if setwise else None,
     )
 
 

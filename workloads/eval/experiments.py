@@ -26,20 +26,23 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+import pyarrow as pa
 import ray
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt, field_validator
 
 from workloads.data.movielens import prepare as prepare_movielens
 from workloads.data.preprocess import PreprocessConfig
 from workloads.data.preprocess import run as preprocess
-from workloads.data.schema import data_root
-from workloads.data.synth import WorldConfig, generate
-from workloads.eval.evaluate import EvalConfig, Gate
+from workloads.data.schema import TASKS, data_root
+from workloads.data.synth import SAME_TOPIC_PENALTY, WorldConfig, generate
+from workloads.eval.evaluate import EvalConfig, Gate, read_examples, score_examples
 from workloads.eval.evaluate import run as evaluate
-from workloads.eval.metrics import auc_standard_error
+from workloads.eval.metrics import auc, auc_standard_error
 from workloads.eval.plots import comparison_plot, scaling_plot
 from workloads.models.config import LiGRConfig
 from workloads.models.registry import build_model, dense_params, equal_size_hstu
+from workloads.train.artifact import load_artifact
 from workloads.train.config import TrainConfig
 from workloads.train.trainer import train_and_publish
 
@@ -222,7 +225,8 @@ def setwise(lab: Lab) -> dict[str, Any]:
         "on, self only": "ligr-selfonly",
         "off": "ligr-pointwise",
     }
-    rows = []
+    rows: list[dict[str, Any]] = []
+    probe: list[dict[str, Any]] = []
     for effect in lab.cfg.setwise_effects:
         world = lab.world(effect)
         examples = lab.examples(world)
@@ -231,6 +235,7 @@ def setwise(lab: Lab) -> dict[str, Any]:
             for arm, overrides in arms.items()
         }
         report = lab.evaluate(f"setwise-{effect}", list(artifacts.values()), examples)
+        probe += setwise_probe(effect, artifacts, examples)
         metrics = {arm: _overall(report, path)["overall"] for arm, path in artifacts.items()}
         for arm in arms:
             rows.append({"world_setwise_effect": effect, "setwise_attention": arm, **_pick(metrics[arm])})
@@ -242,7 +247,56 @@ def setwise(lab: Lab) -> dict[str, Any]:
                     **{m: metrics[arm][m] - metrics["off"][m] for m in AUCS},
                 }
             )
-    return {"rows": rows}
+    return {"rows": rows, "probe": probe}
+
+
+def previous_slot_repeats(examples: pa.Table, max_candidates: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per scored candidate (sessions in order, each one's first ``max_candidates`` slots): does the
+    slot right before it show the same actor, the same topic? The world's set-level effect is a penalty
+    on exactly these (``workloads.data.synth``), so they say what set-wise attention has to find."""
+    same_actor: list[bool] = []
+    same_topic: list[bool] = []
+    columns = (examples.column(c).to_pylist() for c in ("cand_position", "cand_actor_id", "cand_topic"))
+    for positions, actors, topics in zip(*columns, strict=True):
+        index_of_slot = {slot: i for i, slot in enumerate(positions)}
+        for i, slot in enumerate(positions[:max_candidates]):
+            before = index_of_slot.get(slot - 1)
+            same_actor.append(before is not None and actors[before] == actors[i])
+            same_topic.append(before is not None and topics[before] == topics[i])
+    return np.array(same_actor, dtype=bool), np.array(same_topic, dtype=bool)
+
+
+def setwise_probe(effect: float, artifacts: dict[str, Path], examples: Path) -> list[dict[str, Any]]:
+    """What the set-wise AUCs alone cannot say. The ceiling: the self-only control's logits plus the
+    world's true set term, i.e. the most a perfect set-wise layer could add in this world. The response:
+    each arm's set-wise long-dwell logit on candidates whose previous slot shows the same actor, minus on
+    candidates whose previous slot repeats neither actor nor topic (the world's truth: -effect)."""
+    table = read_examples(examples, "eval", ["feed"])
+    rows = []
+    for arm, path in artifacts.items():
+        artifact = load_artifact(path)
+        scored = score_examples(artifact, table)
+        same_actor, same_topic = previous_slot_repeats(table, artifact.feature_spec["max_candidates"])
+        if scored.setwise_logits is not None:
+            long_dwell = scored.setwise_logits[:, TASKS.index("long_dwell")]
+            plain = long_dwell[~same_actor & ~same_topic].mean()
+            rows.append(
+                {
+                    "world_setwise_effect": effect,
+                    "setwise_attention": arm,
+                    "response_same_actor": float(long_dwell[same_actor].mean() - plain),
+                    "response_same_topic": float(long_dwell[same_topic & ~same_actor].mean() - plain),
+                }
+            )
+        if arm == "on, self only":
+            probs = np.clip(scored.probs.astype(np.float64), 1e-7, 1 - 1e-7)
+            truth = -effect * (same_actor + SAME_TOPIC_PENALTY * same_topic)
+            logits = np.log(probs / (1 - probs)) + truth[:, None]
+            ceiling = {f"{task}_auc": auc(scored.labels[:, t], logits[:, t]) for t, task in enumerate(TASKS)}
+            rows.append(
+                {"world_setwise_effect": effect, "setwise_attention": "self only + true set term", **ceiling}
+            )
+    return rows
 
 
 def scaling(lab: Lab) -> dict[str, Any]:
@@ -388,7 +442,7 @@ def report_markdown(results: dict[str, Any]) -> str:
         if name == "settings":
             continue
         parts.append(f"### {name}\n")
-        for key in ("rows", "by_history", "by_size"):
+        for key in ("rows", "probe", "by_history", "by_size"):
             if key in result:
                 parts.append(markdown_table(result[key]) + "\n")
         for key in ("lift_percent", "plot", "epochs"):

@@ -55,7 +55,8 @@ def fake_brew_eval(
     brew = np.random.default_rng(seed).random(len(examples))
     pop = popularity_scores(world, templates, examples, periods.eval_start)
     folder.mkdir(parents=True)
-    scores_frame(examples, brew, pop, np.zeros(len(examples))).to_parquet(folder / "scores.parquet")
+    unused = np.zeros(len(examples))  # history_in_prompt, author_in_prompt: compare reads neither
+    scores_frame(examples, brew, pop, unused, unused).to_parquet(folder / "scores.parquet")
     metrics = {
         "world_dir": str(world_dir),
         "eval_period": eval_period or periods.iso(),

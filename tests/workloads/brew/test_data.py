@@ -11,6 +11,7 @@ from workloads.brew.data import (
     Periods,
     TimeSplit,
     World,
+    author_in_prompt_scores,
     follow_examples,
     impression_examples,
     popularity_scores,
@@ -90,3 +91,23 @@ def test_follow_examples_and_popularity_never_see_the_members_own_follow(
     followers = follows.groupby("actor_id").member_id.nunique()
     for ex, score in zip(examples, scores, strict=True):
         assert score == followers.get(ex.question_id, 0) - ex.label
+
+
+def test_author_in_prompt_counts_only_the_interactions_the_prompt_shows(
+    world: World, templates: Templates, periods: Periods
+) -> None:
+    follows = follow_examples(world, templates, "follow_actor", periods.eval_start, periods.eval_end, 40, 0)
+    likes = impression_examples(world, templates, "feed_like", periods.eval_start, periods.eval_end, 40, 0)
+    examples = follows + likes
+    authors = world.items["actor_id"]
+    everything = np.array([len(e.history_items) for e in examples])
+    last_two = np.minimum(everything, 2)
+    for used in (everything, last_two):
+        scores = author_in_prompt_scores(world, templates, examples, used)
+        for ex, shown, score in zip(examples, used, scores, strict=True):
+            question_author = ex.question_id if ex.task == "follow_actor" else authors[ex.question_id]
+            visible = ex.history_items.tolist()[len(ex.history_items) - shown :] if shown else []
+            assert score == sum(authors[i] == question_author for i in visible)
+    assert author_in_prompt_scores(world, templates, examples, np.zeros(len(examples), int)).sum() == 0
+    # the fixture world must exercise the count: some prompt shows the question's author
+    assert author_in_prompt_scores(world, templates, examples, everything).max() > 0

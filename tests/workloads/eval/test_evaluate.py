@@ -23,6 +23,7 @@ from workloads.eval.evaluate import (
     run,
     score_examples,
 )
+from workloads.eval.experiments import setwise_probe
 from workloads.eval.metrics import auc
 from workloads.models.batch import collate_sequences
 from workloads.models.config import DCNv2Config, LiGRConfig, LiGRRetrievalConfig, SASRecConfig
@@ -113,6 +114,17 @@ def test_evaluation_scores_every_eval_candidate_and_gates(
     assert ligr_result["overall"]["long_dwell_auc"] == pytest.approx(
         auc(scored.labels[:, 2], scored.probs[:, 2])
     )
+    # LiGR's set-wise part comes along (the set-wise experiment reads it); DCNv2 has none
+    assert scored.setwise_logits is not None and scored.setwise_logits.shape == scored.probs.shape
+    assert scored.setwise_logits.std() > 0
+    dcn_scored = score_examples(load_artifact(dcn), read_examples(tiny_examples, "eval", ["feed"]))
+    assert dcn_scored.setwise_logits is None
+
+    # the set-wise experiment's probe on the same artifact: with no set effect the "ceiling" adds nothing
+    probe = setwise_probe(0.0, {"on, self only": ligr, "off": dcn}, tiny_examples)
+    assert [row["setwise_attention"] for row in probe] == ["on, self only", "self only + true set term"]
+    assert {"response_same_actor", "response_same_topic"} <= probe[0].keys()
+    assert probe[1]["long_dwell_auc"] == pytest.approx(ligr_result["overall"]["long_dwell_auc"])
 
 
 # --- MovieLens-style retrieval ---------------------------------------------------------------------
