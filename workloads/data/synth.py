@@ -61,7 +61,6 @@ MEAN_POST_AGE = 24 * HOUR  # out-of-network candidates: exponential age with thi
 JOB_OPEN = 30 * DAY  # a job posting stays open this long
 SAME_INDUSTRY_JOBS = 0.6  # jobs-surface slots filled from open jobs in the member's industry
 IN_NETWORK_SHARE = 0.5  # feed slots filled from followed actors' recent posts
-BURST_RATE = 0.12  # chance a feed slot repeats the previous slot's actor (what the set-wise effect acts on)
 FOLLOW_POOL = 256  # actors a member considers following (all of them when there are fewer)
 MEAN_FEED_SESSION = 10  # items per feed session (1 + negative binomial), at most MAX_FEED_SESSION
 MAX_FEED_SESSION = 30
@@ -233,6 +232,9 @@ class WorldConfig(BaseModel):
     position_bias: float = Field(0.25, ge=0, le=2, description="logit lost per doubling of (1 + position)")
     setwise_effect: float = Field(
         0.8, ge=0, le=5, description="penalty: same actor (topic: half) as previous slot"
+    )
+    burst_rate: float = Field(
+        0.12, ge=0, le=0.9, description="chance a feed slot shows the previous slot's actor again"
     )
     drift: float = Field(0.6, ge=0, le=4, description="taste drift; corr after d days exp(-(drift*d/30)^2/2)")
     job_fit: float = Field(1.0, ge=0, le=5, description="skill, location and seniority fit on job actions")
@@ -791,7 +793,7 @@ def _out_of_network_post(rng: np.random.Generator, posts: Posts, t: np.ndarray, 
 
 def _pick_feed_items(
     rng: np.random.Generator, window: Window, session: np.ndarray, member: np.ndarray, position: np.ndarray,
-    t: np.ndarray, posts: Posts, follows: Follows,
+    t: np.ndarray, posts: Posts, follows: Follows, burst_rate: float,
 ) -> np.ndarray:  # fmt: skip
     """Half the slots from followed actors' latest posts, half from all recent posts; some slots repeat the
     previous slot's actor (bursts). The order is random with respect to engagement, so position and set
@@ -805,7 +807,7 @@ def _pick_feed_items(
     recent = _recent_post_of(posts, window, followed, t, rng.geometric(0.5, n) - 1)
     item = np.where(in_network & (recent >= 0), recent, item)
     # A burst slot shows another post by the actor of the run's first slot (position 0 never repeats).
-    burst = (position > 0) & (rng.random(n) < BURST_RATE)
+    burst = (position > 0) & (rng.random(n) < burst_rate)
     run_head = np.maximum.accumulate(np.where(burst, 0, np.arange(n)))
     again = _recent_post_of(posts, window, posts.actor[item[run_head]], t, rng.geometric(0.5, n) - 1)
     item = np.where(burst & (again >= 0), again, item)
@@ -867,6 +869,7 @@ def _fill_items(
         log.session_start[feed],
         posts,
         follows,
+        cfg.burst_rate,
     )
     log.item[job] = len(posts.actor) + _pick_jobs(
         rng, log.session[job], log.member[job], log.session_start[job], members, jobs

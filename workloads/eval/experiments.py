@@ -52,6 +52,7 @@ AUCS = ("long_dwell_auc", "contribution_auc", "click_auc")
 HISTORY_LENGTHS = (16, 64, 256)
 MODEL_SIZES = ((16, 1), (32, 2), (64, 3), (128, 4))  # (d_model, n_layers)
 DEFAULT_SETWISE_EFFECT = WorldConfig().setwise_effect
+DEFAULT_BURST_RATE = WorldConfig().burst_rate
 # LiGR's 6 features (5 item-token features + actions) plus this one counter stay within the paper's 7
 ITEM_COLD_START_COUNTERS = ("item_ctr_7d",)
 
@@ -75,6 +76,12 @@ class ExperimentConfig(BaseModel):
         min_length=1,
         description="the worlds' setwise_effect in the set-wise experiment, comma-separated (e.g. 3,0.8,0)",
     )
+    setwise_burst_rate: float = Field(
+        DEFAULT_BURST_RATE,
+        ge=0,
+        le=0.9,
+        description="the set-wise worlds' burst_rate: how often a slot shows the previous slot's actor again",
+    )
     seed: int = 0
     out: Path = Field(default_factory=lambda: data_root() / "experiments")
     img_dir: Path = Path("docs/img")
@@ -96,9 +103,16 @@ class Lab:
         self.cfg = cfg
         self.out = cfg.out.resolve()
 
-    def world(self, setwise_effect: float = DEFAULT_SETWISE_EFFECT) -> Path:
-        world_cfg = WorldConfig(members=self.cfg.members, seed=self.cfg.seed, setwise_effect=setwise_effect)
-        path = self.out / "worlds" / f"m{self.cfg.members}-seed{self.cfg.seed}-setwise{setwise_effect}"
+    def world(
+        self, setwise_effect: float = DEFAULT_SETWISE_EFFECT, burst_rate: float = DEFAULT_BURST_RATE
+    ) -> Path:
+        world_cfg = WorldConfig(
+            members=self.cfg.members, seed=self.cfg.seed, setwise_effect=setwise_effect, burst_rate=burst_rate
+        )
+        name = f"m{self.cfg.members}-seed{self.cfg.seed}-setwise{setwise_effect}"
+        path = (
+            self.out / "worlds" / (name if burst_rate == DEFAULT_BURST_RATE else f"{name}-burst{burst_rate}")
+        )
         if not (path / "world.json").is_file():
             generate(world_cfg, path)
         return path
@@ -228,7 +242,7 @@ def setwise(lab: Lab) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     probe: list[dict[str, Any]] = []
     for effect in lab.cfg.setwise_effects:
-        world = lab.world(effect)
+        world = lab.world(effect, lab.cfg.setwise_burst_rate)
         examples = lab.examples(world)
         artifacts = {
             arm: lab.train(labels[arm], lab.ligr(**overrides), examples, world, lab.cfg.epochs)

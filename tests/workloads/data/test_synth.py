@@ -275,6 +275,14 @@ def test_same_actor_back_to_back_lowers_engagement_only_when_setwise_is_on(
     assert on.loc[~untouched, "engaged"].sum() < 0.75 * off.loc[~untouched, "engaged"].sum()
 
 
+def test_burst_rate_sets_how_often_a_slot_shows_the_previous_slots_actor_again(
+    world: Callable[..., dict],
+) -> None:
+    share = {rate: float(feed_log(world(burst_rate=rate))["after_same_actor"].mean()) for rate in (0.0, 0.6)}
+    default = float(feed_log(world())["after_same_actor"].mean())
+    assert share[0.0] < 0.5 * default < default < 0.5 * share[0.6]
+
+
 def test_position_bias(world: Callable[..., dict]) -> None:
     """Top slots engage more. Out-of-network only: followed actors' posts run out deeper in a session (a
     session never repeats a post), which by itself makes deep slots engage a little less."""
