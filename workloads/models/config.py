@@ -29,6 +29,7 @@ from workloads.data.schema import CONTENT_DIM, COUNTER_FEATURES
 Feature = Literal["item_id", "actor_id", "post_type", "age_bucket", "content"]
 ALL_FEATURES: frozenset[Feature] = frozenset({"item_id", "actor_id", "post_type", "age_bucket", "content"})
 AttentionImpl = Literal["auto", "eager", "sdpa", "flex"]
+CounterScale = Literal["log1p", "log_odds"]  # see workloads.models.base.counter_inputs
 Dropout = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
@@ -66,6 +67,7 @@ class SequenceRankerConfig(_Optim):
     # model suffers from item cold start); history tokens have no counters (they are point-in-time at
     # the target session), so these enter the candidate tokens only
     candidate_counters: tuple[str, ...] = ()
+    counter_scale: CounterScale = "log1p"  # how those counters are read (base.counter_inputs)
     item_hash_size: PositiveInt = 100_003  # collision-based table (paper: 33M rows for 150M ids)
     actor_hash_size: PositiveInt = 20_011
     id_dim: PositiveInt = 32  # paper: 64
@@ -152,6 +154,7 @@ class DCNv2Config(_Optim):
     content_dim: PositiveInt = CONTENT_DIM
     use_content: bool = True
     use_history_summary: bool = False  # mean embedding of the actors the member engaged with
+    counter_scale: CounterScale = "log1p"  # how the counters are read (base.counter_inputs)
     hashed_id_init: Literal["unit", "dlrm"] = "unit"  # as in SequenceRankerConfig
     n_cross_layers: PositiveInt = 3
     mlp_dims: tuple[PositiveInt, ...] = Field(default=(256, 128), min_length=1)

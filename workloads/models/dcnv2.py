@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from workloads.data.schema import COUNTER_FEATURES, FEED_ACTIONS, N_AGE_BUCKETS, TASKS, PostType
-from workloads.models.base import RankingModel, RankingOutput, ranking_loss
+from workloads.models.base import RankingModel, RankingOutput, counter_inputs, ranking_loss
 from workloads.models.batch import RankingBatch
 from workloads.models.config import DCNv2Config
 from workloads.models.ligr import HashedEmbedding, init_weights
@@ -89,7 +89,7 @@ class DCNv2ForRanking(RankingModel):
         return (engaged.unsqueeze(-1) * actors).sum(dim=1) / engaged.sum(dim=1, keepdim=True).clamp(min=1.0)
 
     def features(self, batch: RankingBatch) -> Tensor:  # -> (B, S, F)
-        counters = torch.log1p(batch.cand_counters.clamp(min=0.0))  # (B, S, C) heavy-tailed counts
+        counters = counter_inputs(batch.cand_counters, COUNTER_FEATURES, self.cfg.counter_scale)  # (B, S, C)
         parts = [
             counters,
             self.item_id(batch.cand_item_id),

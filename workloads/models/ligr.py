@@ -42,6 +42,7 @@ from workloads.models.base import (
     RankingModel,
     RankingOutput,
     bce_per_task,
+    counter_inputs,
     next_item_softmax_loss,
     ranking_loss,
 )
@@ -486,9 +487,11 @@ class LiGRModel(nn.Module):
         action_tokens = item_tokens + self.actions(batch.hist_actions)
         history = torch.stack([item_tokens, action_tokens], dim=2).flatten(1, 2)  # (B, 2H, D)
         candidates = self.items(candidate_features(batch)) + self.position(layout.position[:, 2 * H :])
-        if self.counters is not None:  # log1p: counts are heavy-tailed, as in the DCNv2 baseline
-            counters = batch.cand_counters[..., self.counter_index].clamp(min=0.0)
-            candidates = candidates + self.counters(torch.log1p(counters))
+        if self.counters is not None:
+            counters = batch.cand_counters[..., self.counter_index]
+            candidates = candidates + self.counters(
+                counter_inputs(counters, self.cfg.candidate_counters, self.cfg.counter_scale)
+            )
         x = self.dropout(torch.cat([history, candidates], dim=1))  # (B, 2H + S, D)
         mask = AttentionMask(layout.historical(), layout)
         for block in self.blocks:

@@ -6,7 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workloads.models.base import attention_rank_loss, bce_per_task, next_item_softmax_loss, ranking_loss
+from workloads.data.counters import RATE_PRIOR
+from workloads.models.base import (
+    attention_rank_loss,
+    bce_per_task,
+    counter_inputs,
+    next_item_softmax_loss,
+    ranking_loss,
+)
 
 
 def test_attention_rank_loss_is_cross_entropy_against_the_label_distribution() -> None:
@@ -66,3 +73,15 @@ def test_next_item_loss_ranks_the_target_among_the_candidates() -> None:
     with pytest.raises(ValueError, match="candidate_ids"):
         next_item_softmax_loss(states, targets, table, candidate_ids=torch.tensor([2, 3]))
     assert math.isfinite(loss.item())
+
+
+def test_log_odds_reads_rates_relative_to_the_prior_and_counts_as_log1p() -> None:
+    names = ["item_imp_1d", "item_ctr_7d", "actor_eng_rate_30d", "ma_eng_7d"]
+    counters = torch.tensor([[3.0, RATE_PRIOR, 0.5, -1.0]])  # a negative count is a missing value: 0
+    read = counter_inputs(counters, names, "log_odds")
+    odds = 0.5 / 0.5 / (RATE_PRIOR / (1 - RATE_PRIOR))
+    assert torch.allclose(read, torch.tensor([[math.log(4.0), 0.0, math.log(odds), 0.0]]))
+    assert torch.allclose(counter_inputs(counters, names, "log1p"), torch.log1p(counters.clamp(min=0.0)))
+    # the point of log-odds: item_ctr_7d from p10 (0.06) to p90 (0.19) spans ~10x more than under log1p
+    spread = counter_inputs(torch.tensor([[0.06, 0.19]]), ["item_ctr_7d"] * 2, "log_odds").diff()
+    assert spread.item() > 10 * torch.log1p(torch.tensor([0.06, 0.19])).diff().item()
