@@ -13,6 +13,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Data's V2 parquet reader provisions dozens of footer-reader actors on every read (~5-8 s each time
+# Ray Train starts an epoch here); the V1 reader reads the tests' few-thousand-row folders in under a
+# second. Subprocesses (`rankray run`, job drivers) inherit it. Demo and production keep Ray's default.
+os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", "0")
 
 TINY_MEMBERS = 150
 

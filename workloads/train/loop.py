@@ -53,6 +53,7 @@ from workloads.train.sharding import (
 
 CHECKPOINT_FILE = "state.pt"
 RETRIEVAL_K = 10
+CRASH_AFTER_REPORT_S = 6.0  # > 2x Ray Train's 2 s result poll, so the injected crash never races a report
 ParamGroups = list[tuple[dict[str, Any], list[str]]]
 
 
@@ -280,7 +281,12 @@ def _autocast(cfg: TrainConfig, device: torch.device) -> torch.autocast:
 
 
 def _maybe_crash(cfg: TrainConfig, epoch: int, rank: int) -> None:
-    """Fault injection: rank 0 dies abruptly in ``crash_at_epoch``, once per run (see TrainConfig)."""
+    """Fault injection: rank 0 dies abruptly in ``crash_at_epoch``, once per run (see TrainConfig).
+
+    It first waits out Ray Train's result poll: a report sits in the worker's queue until the controller
+    collects it (every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s), so a worker killed within that window
+    of reporting loses the registration of the epoch it just checkpointed. The drill is a crash mid-epoch.
+    """
     if cfg.crash_at_epoch != epoch or rank != 0:
         return
     marker = cfg.storage_path.resolve() / cfg.run_name / f".crash-injected-epoch-{epoch}"
@@ -288,6 +294,7 @@ def _maybe_crash(cfg: TrainConfig, epoch: int, rank: int) -> None:
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
+    time.sleep(CRASH_AFTER_REPORT_S)
     os._exit(17)
 
 
