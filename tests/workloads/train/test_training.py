@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 from ray.train import Result
 
@@ -14,7 +16,7 @@ from workloads.models.batch import ItemContentTable, collate
 from workloads.train.artifact import build_any_model, load_artifact
 from workloads.train.config import TrainConfig
 from workloads.train.loop import CHECKPOINT_FILE, state_digest
-from workloads.train.trainer import epoch_history, fit, train_and_publish
+from workloads.train.trainer import epoch_history, fit, read_examples, train_and_publish
 
 TINY_LIGR = {
     "kind": "ligr",
@@ -122,3 +124,21 @@ def test_a_new_job_with_the_same_name_continues_sharded(
     # the sharded run's checkpoint holds the full tables, loadable into an unsharded model
     unsharded = build_any_model(train_config(tmp_path, tiny_world, tiny_examples).model)
     unsharded.load_state_dict(checkpoint_weights(second, 2))
+
+
+def test_both_of_ray_datas_parquet_readers_give_the_same_training_rows(
+    tmp_path: Path, tiny_world: Path, tiny_examples: Path, ray_session: None
+) -> None:
+    """The suite reads through the V1 reader (tests/conftest.py); Ray's default, V2, must agree."""
+    cfg = train_config(tmp_path, tiny_world, tiny_examples)
+    context = ray.data.DataContext.get_current()
+    default = context.use_datasource_v2
+    rows = {}
+    try:
+        for v2 in (False, True):
+            context.use_datasource_v2 = v2
+            table = pa.concat_tables(ray.get(read_examples(cfg, "train").to_arrow_refs()))
+            rows[v2] = table.sort_by([("member_id", "ascending"), ("session_id", "ascending")]).to_pylist()
+    finally:
+        context.use_datasource_v2 = default
+    assert len(rows[True]) > 0 and rows[True] == rows[False]
