@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -60,6 +59,7 @@ from workloads.brew.prompts import DEFAULT_TEMPLATES, Templates, Verbalizer, loa
 from workloads.data.atomic import atomic_dir
 from workloads.data.schema import data_root
 from workloads.stage import run_stage
+from workloads.train.checkpoints import report_epoch, resumed_checkpoint
 from workloads.train.loop import clip_grad_norm
 from workloads.train.sharding import (
     full_model_state,
@@ -280,15 +280,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     schedule = cfg.schedule()
 
     first, optimizer_state, history = 0, None, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            progress = json.loads((Path(folder) / "progress.json").read_text())
-            weights = torch.load(Path(folder) / "trainable.pt", weights_only=True)
+    with resumed_checkpoint() as folder:
+        if folder is not None:
+            progress = json.loads((folder / "progress.json").read_text())
+            weights = torch.load(folder / "trainable.pt", weights_only=True)
             set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
             first, history = int(progress["next_epoch"]), progress["history"]
             if first < len(schedule) and schedule[first] == progress["stage"]:
-                optimizer_state = torch.load(Path(folder) / "optimizer.pt", weights_only=False)
+                optimizer_state = torch.load(folder / "optimizer.pt", weights_only=False)
 
     optimizer: torch.optim.Optimizer | None = None
     for epoch in range(first, len(schedule)):
@@ -329,15 +328,21 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         history.append(metrics)
         weights = _trainable_state(model)  # collectives: every rank takes part
         opt_state = full_optimizer_state(model, optimizer)
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as tmp:
-                torch.save(weights, Path(tmp) / "trainable.pt")
-                torch.save(opt_state, Path(tmp) / "optimizer.pt")
-                progress = {"next_epoch": epoch + 1, "stage": stage, "history": history}
-                (Path(tmp) / "progress.json").write_text(json.dumps(progress))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report(metrics)
+        progress = {"next_epoch": epoch + 1, "stage": stage, "history": history}
+        report_epoch(
+            metrics, epoch + 1, _checkpoint_writer(weights, opt_state, progress) if rank == 0 else None
+        )
+
+
+def _checkpoint_writer(
+    weights: dict[str, Any], optimizer_state: Any, progress: dict[str, Any]
+) -> Callable[[Path], None]:
+    def write(folder: Path) -> None:
+        torch.save(weights, folder / "trainable.pt")
+        torch.save(optimizer_state, folder / "optimizer.pt")
+        (folder / "progress.json").write_text(json.dumps(progress))
+
+    return write
 
 
 # --- Driver ---------------------------------------------------------------------------------------------

@@ -79,9 +79,8 @@ class TrainConfig(BaseModel):
     )
     version: PositiveInt = Field(1, description="artifact version; published versions are never overwritten")
     ray_address: str | None = Field(None, description="Ray cluster to join; None starts or joins a local one")
-    # fault injection for tests and chaos drills: rank 0 dies (os._exit) after the first step of this epoch
-    # and a wait past Ray Train's result poll, once per run (a marker under the run's storage folder
-    # remembers that it already did)
+    # fault injection for tests and chaos drills: rank 0 dies (os._exit) after the first step of this
+    # epoch, once per run (a marker under the run's storage folder remembers that it already did)
     crash_at_epoch: PositiveInt | None = None
 
     @property

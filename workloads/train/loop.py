@@ -16,10 +16,8 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,6 +40,7 @@ from workloads.models.batch import (
 )
 from workloads.models.config import DCNv2Config, HSTUConfig, LiGRConfig
 from workloads.train.artifact import build_any_model
+from workloads.train.checkpoints import report_epoch, resumed_checkpoint
 from workloads.train.config import TrainConfig
 from workloads.train.sharding import (
     full_model_state,
@@ -53,7 +52,6 @@ from workloads.train.sharding import (
 
 CHECKPOINT_FILE = "state.pt"
 RETRIEVAL_K = 10
-CRASH_AFTER_REPORT_S = 6.0  # > 2x Ray Train's 2 s result poll, so the injected crash never races a report
 ParamGroups = list[tuple[dict[str, Any], list[str]]]
 
 
@@ -281,11 +279,10 @@ def _autocast(cfg: TrainConfig, device: torch.device) -> torch.autocast:
 
 
 def _maybe_crash(cfg: TrainConfig, epoch: int, rank: int) -> None:
-    """Fault injection: rank 0 dies abruptly in ``crash_at_epoch``, once per run (see TrainConfig).
+    """Fault injection: rank 0 dies abruptly after the first step of ``crash_at_epoch``, once per run.
 
-    It first waits out Ray Train's result poll: a report sits in the worker's queue until the controller
-    collects it (every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s), so a worker killed within that window
-    of reporting loses the registration of the epoch it just checkpointed. The drill is a crash mid-epoch.
+    That is usually within Ray Train's 2 s result poll of the previous epoch's report, so the drill also
+    covers a checkpoint Ray had not registered yet (``workloads.train.checkpoints``).
     """
     if cfg.crash_at_epoch != epoch or rank != 0:
         return
@@ -294,7 +291,6 @@ def _maybe_crash(cfg: TrainConfig, epoch: int, rank: int) -> None:
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
-    time.sleep(CRASH_AFTER_REPORT_S)
     os._exit(17)
 
 
@@ -370,24 +366,17 @@ def evaluate_epoch(
 
 
 def _load_checkpoint_state() -> dict[str, Any] | None:
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as folder:
-        state: dict[str, Any] = torch.load(
-            Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True
-        )
+    with resumed_checkpoint() as folder:
+        if folder is None:
+            return None
+        state: dict[str, Any] = torch.load(folder / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
     return state
 
 
 def _report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
     """Every rank reports; only rank 0 (which holds the gathered state) attaches the checkpoint."""
-    with tempfile.TemporaryDirectory(prefix="rankray-ckpt-") as folder:
-        checkpoint = None
-        if state is not None:
-            torch.save(state, Path(folder) / CHECKPOINT_FILE)
-            checkpoint = ray.train.Checkpoint.from_directory(folder)
-        ray.train.report(_finite(metrics), checkpoint=checkpoint)
+    write = None if state is None else lambda folder: torch.save(state, folder / CHECKPOINT_FILE)
+    report_epoch(_finite(metrics), int(metrics["epoch"]), write)
 
 
 def _strip(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:

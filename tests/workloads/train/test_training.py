@@ -14,6 +14,7 @@ from ray.train import Result
 
 from workloads.models.batch import ItemContentTable, collate
 from workloads.train.artifact import build_any_model, load_artifact
+from workloads.train.checkpoints import checkpoint_dir_name, write_manifest
 from workloads.train.config import TrainConfig
 from workloads.train.loop import CHECKPOINT_FILE, state_digest
 from workloads.train.trainer import epoch_history, fit, read_examples, train_and_publish
@@ -108,6 +109,27 @@ def test_a_worker_crash_resumes_from_the_last_checkpoint(
     epoch_1 = state_digest(checkpoint_weights(result, 1))
     assert history[1]["restored_weights_sha256"] == epoch_1  # the restarted workers hold epoch 1's weights
     assert [m["threads_per_worker"] for m in history] == [2, 2]  # before and after the restart
+
+
+def test_a_complete_checkpoint_ray_never_registered_is_resumed_from_and_registered(
+    tmp_path: Path, tiny_world: Path, tiny_examples: Path, ray_session: None
+) -> None:
+    """A worker killed within Ray's 2 s result poll of reporting leaves such a checkpoint in storage."""
+    first = fit(train_config(tmp_path, tiny_world, tiny_examples, epochs=1))
+    assert first.checkpoint is not None
+    registered = Path(first.checkpoint.path)
+    orphan = registered.parent / checkpoint_dir_name(2)  # as epoch 2's report would have written it
+    orphan.mkdir()
+    state = torch.load(registered / CHECKPOINT_FILE, weights_only=True)
+    state["epoch"] = 2
+    torch.save(state, orphan / CHECKPOINT_FILE)
+    orphan_metrics = {**epoch_history(first)[0], "epoch": 2}
+    write_manifest(orphan, 2, orphan_metrics)
+
+    second = fit(train_config(tmp_path, tiny_world, tiny_examples, epochs=2))
+
+    assert second.checkpoint is not None and Path(second.checkpoint.path) == orphan  # registered in place
+    assert epoch_history(second) == [epoch_history(first)[0], orphan_metrics]  # epoch 2 was not retrained
 
 
 def test_a_new_job_with_the_same_name_continues_sharded(
