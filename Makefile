@@ -36,7 +36,7 @@ demo: $(STAMP)
 	step "synthetic world" $(BIN)/rankray data synth --members $(DEMO_MEMBERS); \
 	step "feature tables" $(BIN)/rankray features build; \
 	step "feast apply" $(BIN)/rankray features apply; \
-	step "feast materialize" $(BIN)/rankray features materialize --service ligr_v1; \
+	step "feast materialize" $(BIN)/rankray features materialize --service ligr_v2; \
 	step "pipeline (rankray run)" $(BIN)/rankray run -f examples/feed-ligr.yaml --timeout $(DEMO_TIMEOUT); \
 	echo; echo "make demo: done in $$((SECONDS - began)) s"; printf '%s' "$$took"; \
 	echo "  outputs: data/world (world + features), data/feast (registry, online store), data/artifacts/models/feed-ligr"

@@ -169,6 +169,19 @@ ligr_v1 = FeatureService(
     tags={**OWNER, "model": "ligr"},
 )
 
+ligr_v2 = FeatureService(
+    name="ligr_v2",
+    features=[
+        member_history,
+        item_features[["actor_id", "post_type", "topic", "created_at", "content_emb"]],
+        # the production model's top counters on the candidate tokens (LiGR 5.4): what `make demo` trains
+        member_actor_counters[["ma_eng_30d"]],
+        item_counters[["item_ctr_7d"]],
+    ],
+    description="LiGR plus the two counters its candidates read (model.counters in the RankingModel)",
+    tags={**OWNER, "model": "ligr"},
+)
+
 dcnv2_v1 = FeatureService(
     name="dcnv2_v1",
     features=[

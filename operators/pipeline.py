@@ -122,7 +122,8 @@ MAX_CANDIDATES = 64  # candidates of one session scored in one pass (LiGRConfig'
 
 
 def ligr_model_config(model: ModelSpec) -> dict[str, Any]:
-    """The `model` of workloads.train's TrainConfig: size preset, history length, set-wise attention."""
+    """The `model` of workloads.train's TrainConfig: size preset, history length, set-wise attention,
+    token features and candidate counters."""
     d_model, n_layers, n_heads = LIGR_SIZES[model.size]
     return {
         "kind": "ligr",
@@ -134,6 +135,10 @@ def ligr_model_config(model: ModelSpec) -> dict[str, Any]:
         # each history event is an item and an action token, then the candidates
         "max_tokens": max(1024, 2 * model.history_length + MAX_CANDIDATES),
         "setwise": model.setwise,
+        **({"use_features": [f.value for f in model.features]} if model.features else {}),
+        **({"candidate_counters": [c.value for c in model.counters]} if model.counters else {}),
+        # rates as log-odds: on log1p a rate's spread is a twentieth of an embedding's (docs/models.md)
+        **({"counter_scale": "log_odds"} if model.counters else {}),
     }
 
 

@@ -71,6 +71,32 @@ class ModelKind(StrEnum):
     BREW = "brew"  # decoder-only LLM ranking from verbalized histories (360Brew paper)
 
 
+class TokenFeature(StrEnum):
+    """What a LiGR item token is built from (LiGR 3.2, Tables 2-3)."""
+
+    ITEM_ID = "item_id"  # hashed, collision-based id table
+    ACTOR_ID = "actor_id"
+    POST_TYPE = "post_type"
+    AGE_BUCKET = "age_bucket"
+    CONTENT = "content"  # the projected content embedding
+
+
+class Counter(StrEnum):
+    """A hand-crafted counter of the Feast repo's counter views (the DCNv2 baseline reads them all)."""
+
+    MA_IMP_7D = "ma_imp_7d"  # member x actor
+    MA_ENG_7D = "ma_eng_7d"
+    MA_ENG_30D = "ma_eng_30d"
+    MT_IMP_7D = "mt_imp_7d"  # member x topic
+    MT_ENG_7D = "mt_eng_7d"
+    MT_ENG_30D = "mt_eng_30d"
+    ITEM_IMP_1D = "item_imp_1d"
+    ITEM_ENG_1D = "item_eng_1d"
+    ITEM_CTR_7D = "item_ctr_7d"
+    ACTOR_ENG_RATE_30D = "actor_eng_rate_30d"
+    MEMBER_ENG_RATE_30D = "member_eng_rate_30d"
+
+
 class ModelSize(StrEnum):
     TINY = "tiny"
     SMALL = "small"
@@ -208,6 +234,21 @@ class ModelSpec(_Api):
             "model.baseModel applies only to model.kind brew",
             ".baseModel",
         ),
+        cel(
+            "self.kind == 'ligr' || (!has(self.features) && !has(self.counters))",
+            "model.features and model.counters apply only to model.kind ligr",
+            ".features",
+        ),
+        cel(
+            "!has(self.features) || self.features.all(f, self.features.exists_one(g, g == f))",
+            "model.features must name each feature once",
+            ".features",
+        ),
+        cel(
+            "!has(self.counters) || self.counters.all(c, self.counters.exists_one(d, d == c))",
+            "model.counters must name each counter once",
+            ".counters",
+        ),
     )
 
     kind: ModelKind = Field(
@@ -228,6 +269,23 @@ class ModelSpec(_Api):
         None,
         min_length=1,
         description="brew only: the Hugging Face checkpoint folder to fine-tune (path, pvc:// or s3:// URI).",
+    )
+    features: list[TokenFeature] | None = Field(
+        None,
+        min_length=1,
+        max_length=len(TokenFeature),
+        description="ligr only: what each item token is built from. Default: all five (item_id, actor_id, "
+        "post_type, age_bucket, content). Where most candidates are new posts, an untrained item_id row is "
+        "noise: leaving item_id out helps (docs/models.md, claim 1).",
+    )
+    counters: list[Counter] | None = Field(
+        None,
+        min_length=1,
+        max_length=len(Counter),
+        description="ligr only: counters the candidate tokens also read, the top features of the "
+        "production model (LiGR 5.4); rates as log-odds against their prior, counts as log1p. Serving "
+        "reads them from the online store: materialize a feature service that holds their views "
+        "(ligr_v2 holds ma_eng_30d and item_ctr_7d). Default: none.",
     )
 
 
@@ -448,8 +506,13 @@ class RankingModelSpec(_Api):
 
     def pipeline_fingerprint(self) -> str:
         """Digest of what a version is trained from; serving, image and suspend changes do not retrain."""
+        # fields added after the API's first release count only when set: an operator upgrade that
+        # adds a field must not retrain every model
+        unset_new = {name for name in ("features", "counters") if getattr(self.model, name) is None}
         trained = self.model_dump(
-            mode="json", include={"feature_repo", "data", "model", "training", "evaluation", "artifact_root"}
+            mode="json",
+            include={"feature_repo", "data", "model", "training", "evaluation", "artifact_root"},
+            exclude={"model": unset_new},
         )
         return hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()[:16]
 

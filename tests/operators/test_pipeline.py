@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from operators.api.v1alpha1 import ModelSize, ModelSpec, RankingModel
+from operators.api.v1alpha1 import Counter, ModelSize, ModelSpec, RankingModel, TokenFeature
 from operators.backends.kuberay import resolve_storage
 from operators.pipeline import (
     LLM_DEPLOYMENT,
@@ -27,8 +27,9 @@ from operators.pipeline import (
 from tests.operators.conftest import as_model
 from workloads.brew.train import BrewTrainConfig
 from workloads.data.preprocess import PreprocessConfig
+from workloads.data.schema import COUNTER_FEATURES
 from workloads.eval.gate import GateStageConfig
-from workloads.models.config import LiGRConfig
+from workloads.models.config import ALL_FEATURES, LiGRConfig
 from workloads.serve.config import validate_config
 from workloads.serve.graph import GraphArgs, deployment_names
 from workloads.train.config import TrainConfig
@@ -73,6 +74,11 @@ def test_ligr_stage_configs_are_accepted_by_the_workloads(window: dict[str, str]
         "serving loads what training publishes"
     )
     assert train.model.kind == "ligr" and train.model.setwise is True
+    assert train.model.use_features == {"actor_id", "post_type", "age_bucket", "content"}
+    assert (train.model.candidate_counters, train.model.counter_scale) == (
+        ("ma_eng_30d", "item_ctr_7d"),
+        "log_odds",
+    )
     evaluate = GateStageConfig.model_validate(
         stage_config(model.spec, "feed-ligr", Stage.EVALUATE, version, version, resolve_storage)
     )
@@ -110,6 +116,22 @@ def test_every_size_and_history_length_is_a_valid_ligr_model(size: ModelSize, hi
         ligr_model_config(ModelSpec(kind="ligr", size=size, history_length=history))
     )
     assert config.max_history == history
+
+
+def test_without_features_and_counters_a_ligr_model_reads_all_five_and_no_counter() -> None:
+    config = LiGRConfig.model_validate(ligr_model_config(ModelSpec(kind="ligr")))
+    default = LiGRConfig()
+    assert (config.use_features, config.candidate_counters, config.counter_scale) == (
+        default.use_features,
+        (),
+        default.counter_scale,
+    )
+
+
+def test_the_apis_features_and_counters_are_the_models() -> None:
+    """The API spells them itself (operators does not import the models); they must not drift apart."""
+    assert {f.value for f in TokenFeature} == set(ALL_FEATURES)
+    assert [c.value for c in Counter] == COUNTER_FEATURES
 
 
 def test_the_evaluate_config_names_the_gate_and_its_reference(manifest: dict[str, Any]) -> None:

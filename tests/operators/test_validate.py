@@ -99,6 +99,31 @@ BAD: dict[str, tuple[Edit, str, str, str]] = {
     ),
     "brew without a base model": (_set("spec.model.kind", "brew"), "spec.model.baseModel", "cel", "required"),
     "base model on ligr": (_set("spec.model.baseModel", "/models/x"), "spec.model.baseModel", "cel", "only"),
+    "features on a brew model": (
+        _set("spec.model", {"kind": "brew", "baseModel": "/models/llm", "features": ["content"]}),
+        "spec.model.features",
+        "cel",
+        "only to model.kind ligr",
+    ),
+    "a feature named twice": (
+        _set("spec.model.features", ["content", "actor_id", "content"]),
+        "spec.model.features",
+        "cel",
+        "each feature once",
+    ),
+    "a counter named twice": (
+        _set("spec.model.counters", ["item_ctr_7d", "item_ctr_7d"]),
+        "spec.model.counters",
+        "cel",
+        "each counter once",
+    ),
+    "unknown counter": (
+        _set("spec.model.counters", ["ctr"]),
+        "spec.model.counters[0]",
+        "schema",
+        "'ma_imp_7d'",
+    ),
+    "no features": (_set("spec.model.features", []), "spec.model.features", "schema", ""),
     "GPUs without a GPU node pool": (
         _set("spec.training.gpusPerWorker", 1),
         "spec.training.nodePool",

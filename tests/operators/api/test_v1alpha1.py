@@ -43,6 +43,8 @@ def test_the_spec_reads_camel_case_and_fills_defaults(manifest: dict[str, Any]) 
         ("evaluation.minLift", 0.01, True),
         ("data.source", "pvc://other/world", True),
         ("featureRepo.path", "/srv/feature_repo", True),
+        ("model.features", ["content"], True),
+        ("model.counters", ["item_ctr_7d"], True),
     ],
 )
 def test_only_changes_to_what_is_trained_change_the_pipeline_fingerprint(
@@ -82,3 +84,8 @@ def test_status_round_trips_through_its_wire_form() -> None:
     assert wire["currentVersion"]["artifactUri"] == "s3://b/m/v1/model"
     assert wire["conditions"][0]["lastTransitionTime"] == "2026-11-20T00:00:00Z"
     assert RankingModelStatus.model_validate(wire) == status
+
+
+def test_an_operator_upgrade_that_adds_fields_does_not_retrain(manifest: dict[str, Any]) -> None:
+    """The fixture's digest under the API before model.features and model.counters existed."""
+    assert _spec(manifest).pipeline_fingerprint() == "fed0ed579b5c68ac"

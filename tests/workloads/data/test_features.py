@@ -93,7 +93,7 @@ def test_apply_registers_every_declaration_under_the_data_root(feast_world: Feas
         *(g.view for g in COUNTER_GROUPS),
     }
     assert set(applied["feature_views"]) == views
-    assert applied["feature_services"] == ["brew_v1", "dcnv2_v1", "ligr_v1"]
+    assert applied["feature_services"] == ["brew_v1", "dcnv2_v1", "ligr_v1", "ligr_v2"]
     data_root = feast_world.world.parent
     assert Path(applied["registry"]) == data_root / "feast" / "registry.db"
     assert (data_root / "feast" / "online.db").is_file()
@@ -355,3 +355,13 @@ def test_materializing_one_feature_service_loads_only_its_views(
         members = feast_world.impressions["member_id"].unique()[:3].tolist()
         online = OnlineFeatures(repo)
         assert_same_histories(online, feast_world.online, members)
+        # ligr_v2 adds the two counter views its candidates read; their counters are then served
+        assert materialize(repo, ["ligr_v2"])["feature_views"] == [
+            "item_counters",
+            "item_features",
+            "member_actor_counters",
+            "member_history",
+        ]
+        queries = candidate_queries(feast_world.impressions, 100)
+        read = ["ma_eng_30d", "item_ctr_7d"]
+        pd.testing.assert_frame_equal(online.counters(queries)[read], feast_world.online.counters(queries)[read])

@@ -10,6 +10,7 @@ import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -26,7 +27,9 @@ from workloads.models.registry import build_model
 from workloads.train.artifact import feature_spec, save_artifact
 
 REPO = Path(__file__).resolve().parents[3] / "feature_repo"
-SERVED_VIEWS = ["member_history", "member_profile", "item_features"]
+# what serving reads: the histories, profiles and items, plus the two counter views of ligr_v2 (the
+# other counter views stay empty, so their counters are read as unseen)
+SERVED_VIEWS = ["member_history", "member_profile", "item_features", "member_actor_counters", "item_counters"]
 HISTORY_LEN = 64
 
 
@@ -39,7 +42,7 @@ class ServeWorld:
     end: datetime  # the world's end: the time tests score at
 
 
-def tiny_ligr_artifact(path: Path, world: Path, version: int, seed: int) -> Path:
+def tiny_ligr_artifact(path: Path, world: Path, version: int, seed: int, **model: Any) -> Path:
     """A freshly initialised tiny LiGR, published with the training stage's own `save_artifact`.
 
     ``max_candidates`` is small so that requests with more candidates exercise the scorer's row split.
@@ -55,6 +58,7 @@ def tiny_ligr_artifact(path: Path, world: Path, version: int, seed: int) -> Path
         dropout=0.0,
         item_hash_size=1009,
         actor_hash_size=101,
+        **model,
     )
     torch.manual_seed(seed)
     model = build_model(cfg)

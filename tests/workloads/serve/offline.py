@@ -18,6 +18,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
+from workloads.data.counters import counters_at
 from workloads.data.features import age_buckets
 from workloads.data.schema import COUNTER_FEATURES
 from workloads.models.batch import ItemContentTable, collate
@@ -92,6 +93,19 @@ def expected_scores(
         "cand_position": np.arange(len(candidates), dtype=np.int64),
         **{f"cand_{c}": np.zeros(len(candidates), dtype=np.float32) for c in COUNTER_FEATURES},
     }
+    if cfg.candidate_counters:  # point-in-time counters from the log itself, not from the store
+        impressions = pd.read_parquet(world / "impressions.parquet")
+        queries = pd.DataFrame(
+            {
+                "member_id": member_id,
+                "item_id": cand["cand_item_id"],
+                "actor_id": cand["cand_actor_id"],
+                "topic": [item(c, "topic") for c in candidates],
+                "ts": as_of_us,
+            }
+        )
+        for name, values in counters_at(impressions, queries).items():
+            cand[f"cand_{name}"] = values.to_numpy(dtype=np.float32)
 
     def rows_for(indexes: list[list[int]]) -> dict[str, list[np.ndarray]]:
         rows: dict[str, list[np.ndarray]] = {name: [history[name]] * len(indexes) for name in HISTORY}

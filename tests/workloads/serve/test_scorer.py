@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.workloads.serve.conftest import HISTORY_LEN, ServeWorld
+from tests.workloads.serve.conftest import HISTORY_LEN, ServeWorld, tiny_ligr_artifact
 from tests.workloads.serve.offline import expected_scores
 from workloads.serve.features import FeatureReader, FetchRequest, RequestFeatures
 from workloads.serve.graph import DEFAULT_TASK_WEIGHTS
@@ -25,9 +25,11 @@ from workloads.serve.setwise import SetwiseModel
 TOP_K = 10
 
 
-def fetch(world: ServeWorld, requests: list[tuple[int, list[int]]]) -> list[RequestFeatures]:
+def fetch(
+    world: ServeWorld, requests: list[tuple[int, list[int]]], with_counters: bool = False
+) -> list[RequestFeatures]:
     as_of = int(pd.Timestamp(world.end).value // 1000)
-    reader = FeatureReader(world.repo, HISTORY_LEN, with_counters=False)
+    reader = FeatureReader(world.repo, HISTORY_LEN, with_counters=with_counters)
     got = asyncio.run(reader.read([FetchRequest(m, np.asarray(c), [], as_of) for m, c in requests]))
     assert all(isinstance(g, RequestFeatures) for g in got)
     return got  # type: ignore[return-value]
@@ -57,6 +59,30 @@ def test_single_pass_equals_one_candidate_at_a_time_across_row_splits_and_batch_
         np.testing.assert_array_equal(scored.top_idx, scored.order[: min(TOP_K, len(candidates))])
     np.testing.assert_allclose(together[0].logits, alone.logits, atol=1e-5)
     assert together[0].top_states is not None and together[0].top_states.shape == (TOP_K, 32)
+
+
+def test_a_model_that_reads_counters_scores_with_the_counters_of_the_log(
+    serve_world: ServeWorld, tmp_path: Path
+) -> None:
+    """`model.counters` at serving: the online counters of ligr_v2's views are the log's point-in-time
+    counters at the store's last snapshot, read on the model's scale, as training read them."""
+    counters = ("ma_eng_30d", "item_ctr_7d")
+    artifact = tiny_ligr_artifact(
+        tmp_path / "v1", serve_world.world, 1, seed=3, candidate_counters=counters, counter_scale="log_odds"
+    )
+    member = busiest_member(serve_world)
+    candidates = list(range(100, 140))
+    fetched = fetch(serve_world, [(member, candidates)], with_counters=True)
+    assert (fetched[0].candidates["cand_ma_eng_30d"] > 0).any(), "the member engaged with none of the actors"
+    served = PointwiseModel(artifact, DEFAULT_TASK_WEIGHTS, TOP_K).score(fetched)[0]
+    expected = expected_scores(
+        artifact, serve_world.world, member, candidates, serve_world.end, DEFAULT_TASK_WEIGHTS, TOP_K
+    )
+    np.testing.assert_allclose(served.logits, expected.pointwise_logits, atol=1e-4)
+    unread = PointwiseModel(artifact, DEFAULT_TASK_WEIGHTS, TOP_K).score(
+        fetch(serve_world, [(member, candidates)])
+    )
+    assert np.abs(unread[0].logits - served.logits).max() > 1e-2, "the counters do not move the scores"
 
 
 def test_setwise_correction_equals_score_setwise_on_the_pointwise_top_k(serve_world: ServeWorld) -> None:
