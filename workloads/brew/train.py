@@ -18,6 +18,7 @@ one reported epoch after another, so checkpoints and resume cover the whole sche
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import time
@@ -62,6 +63,7 @@ from workloads.stage import run_stage
 from workloads.train.checkpoints import report_epoch, resumed_checkpoint
 from workloads.train.loop import clip_grad_norm
 from workloads.train.sharding import (
+    connect,
     full_model_state,
     full_optimizer_state,
     parallelize,
@@ -71,6 +73,8 @@ from workloads.train.sharding import (
 
 IGNORE = -100  # label value the causal LM loss skips
 STAGES = ("pretrain", "finetune")
+
+logger = logging.getLogger(__name__)
 
 
 class StageConfig(BaseModel):
@@ -128,7 +132,9 @@ class BrewTrainConfig(BaseModel):
     max_failures: int = Field(1, ge=0, description="worker-group restarts from the last checkpoint")
     progress_seconds: float = Field(30.0, gt=0, description="rank 0 logs step, loss and pace this often")
     seed: int = 0
-    ray_address: str | None = Field(None, description="None: a local cluster; 'auto' or 'ray://host:port'")
+    ray_address: str | None = Field(
+        None, description="None: $RAY_ADDRESS if set, else a new local cluster; 'auto' or 'ray://host:port'"
+    )
 
     @model_validator(mode="after")
     def _tasks_trainable(self) -> BrewTrainConfig:
@@ -319,10 +325,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if rank == 0 and time.perf_counter() - last_progress >= cfg.progress_seconds:
                 last_progress = time.perf_counter()
                 elapsed = last_progress - began
-                print(  # an LLM epoch on CPU takes long: the job log shows it is alive and how fast it goes
+                # an LLM epoch on CPU takes long: the job log shows it is alive and how fast it goes
+                # (a log record: Ray Train sends a worker's print both to its log and to stdout, twice)
+                logger.info(
                     f"epoch {epoch + 1}/{len(schedule)} ({stage}) step {steps}/~{expected}: "
                     f"loss {total / steps:.4f}, {elapsed / steps:.1f} s/step, {elapsed:.0f} s",
-                    flush=True,
                 )
         metrics = {"epoch": epoch, "stage": stage, "loss": _mean_over_workers(total, steps), "steps": steps}
         history.append(metrics)
@@ -409,8 +416,7 @@ def train(cfg: BrewTrainConfig) -> dict[str, Any]:
     if cfg.pretrain.epochs and not blocks:
         raise ValueError("stage 1 has no text blocks: lower pretrain_block_tokens or set pretrain.epochs: 0")
 
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray_address)
+    connect(cfg.ray_address, cfg.num_workers, cfg.cpus_per_worker)
     datasets: dict[str, ray.data.Dataset | Callable[[], ray.data.Dataset]] = {}
     if cfg.pretrain.epochs:
         datasets["pretrain"] = ray.data.from_items([{"input_ids": b, "labels": b} for b in blocks])

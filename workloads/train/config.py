@@ -9,10 +9,20 @@ run below. ``check_inputs`` adds the filesystem checks the driver can make befor
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
 
 from workloads.data.schema import SURFACES, data_root
 from workloads.models.config import DCNv2Config, HSTUConfig, LiGRConfig, LiGRRetrievalConfig, SASRecConfig
@@ -78,7 +88,10 @@ class TrainConfig(BaseModel):
         "ligr", pattern=NAME_PATTERN, description="model name: <artifact_root>/<name>/v<version>"
     )
     version: PositiveInt = Field(1, description="artifact version; published versions are never overwritten")
-    ray_address: str | None = Field(None, description="Ray cluster to join; None starts or joins a local one")
+    ray_address: str | None = Field(
+        None,
+        description="Ray cluster to join ('auto': the one on this host); None: $RAY_ADDRESS, else a new one",
+    )
     # fault injection for tests and chaos drills: rank 0 dies (os._exit) after the first step of this
     # epoch, once per run (a marker under the run's storage folder remembers that it already did)
     crash_at_epoch: PositiveInt | None = None
@@ -103,6 +116,13 @@ class TrainConfig(BaseModel):
     @property
     def artifact_dir(self) -> Path:
         return self.artifact_root / self.name / f"v{self.version}"
+
+    @field_validator("examples_dir", "world_dir", "semantic_ids_path", "storage_path", "artifact_root")
+    @classmethod
+    def _absolute(cls, path: Path | None) -> Path | None:
+        """Ray workers run in a folder of their own: a path relative to where the driver started is
+        made absolute where the config is parsed, on the driver."""
+        return None if path is None else Path(os.path.abspath(path))
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:

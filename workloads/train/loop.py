@@ -14,6 +14,7 @@ DDP and FSDP2, which hook ``forward``, see every step.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import time
@@ -53,6 +54,8 @@ from workloads.train.sharding import (
 CHECKPOINT_FILE = "state.pt"
 RETRIEVAL_K = 10
 ParamGroups = list[tuple[dict[str, Any], list[str]]]
+
+logger = logging.getLogger(__name__)
 
 
 # --- Small pieces -----------------------------------------------------------------------------------
@@ -323,10 +326,11 @@ def train_epoch(
         if rank == 0 and time.perf_counter() - last_progress >= cfg.progress_seconds:
             last_progress = time.perf_counter()
             elapsed = last_progress - began
-            print(  # the job log the operator and `rankray run` stream: the run is alive and how fast it goes
+            # the job log the operator and `rankray run` stream: the run is alive and how fast it goes
+            # (a log record: Ray Train sends a worker's print both to its log and to stdout, twice)
+            logger.info(
                 f"epoch {epoch}/{cfg.epochs} step {steps}: loss {loss_sum / steps:.4f}, "
                 f"{events / elapsed:,.0f} events/s on this worker, {elapsed:.0f} s",
-                flush=True,
             )
     seconds = time.perf_counter() - began
     totals = torch.tensor([loss_sum, steps, events], dtype=torch.float64)

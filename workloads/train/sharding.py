@@ -20,6 +20,7 @@ computes on one core however many cores its pod has.
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -51,6 +52,20 @@ def worker_scaling(num_workers: int, use_gpu: bool, cpus_per_worker: int) -> Sca
 
     resources = {"CPU": float(cpus_per_worker), **({"GPU": 1.0} if use_gpu else {})}
     return ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources)
+
+
+def connect(address: str | None, num_workers: int, cpus_per_worker: int) -> None:
+    """Join ``address`` (or $RAY_ADDRESS, as inside a Ray job); with neither, start a local cluster with
+    enough logical CPUs for the worker group plus one: Ray Data's read tasks need a CPU of their own,
+    and on a machine with exactly as many cores as the workers reserve they would wait forever."""
+    import ray  # only here: plain torch.distributed processes import this module
+
+    if ray.is_initialized():
+        return
+    if address is None and "RAY_ADDRESS" not in os.environ:
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, num_workers * cpus_per_worker + 1))
+    else:
+        ray.init(address=address)
 
 
 def use_reserved_cpus(cpus_per_worker: int, device: torch.device) -> None:

@@ -23,7 +23,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from workloads.train.artifact import feature_spec, save_artifact
 from workloads.train.config import TrainConfig, check_inputs
 from workloads.train.loop import CHECKPOINT_FILE, train_loop_per_worker
-from workloads.train.sharding import worker_scaling
+from workloads.train.sharding import connect, worker_scaling
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +94,7 @@ def data_window(examples_dir: Path) -> dict[str, Any]:
 
 def fit(cfg: TrainConfig) -> Result:
     """Run (or resume) the Ray Train job; raises ``ray.train.TrainingFailedError`` when out of retries."""
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray_address)
+    connect(cfg.ray_address, cfg.num_workers, cfg.cpus_per_worker)
     return make_trainer(cfg).fit()
 
 

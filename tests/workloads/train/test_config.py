@@ -68,6 +68,27 @@ def test_defaults_pick_backend_and_names(tmp_path: Path) -> None:
     assert gpu.backend == "nccl" and gpu.autocast_bf16
 
 
+def test_relative_paths_are_made_absolute_on_the_driver(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ray worker's working directory is not the driver's: it would read data/world from its own."""
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig.model_validate(
+        {
+            "examples_dir": "data/examples",
+            "world_dir": "./data/world",
+            "model": TINY_LIGR,
+            "storage_path": "runs",
+        }
+    )
+    assert (cfg.examples_dir, cfg.world_dir, cfg.storage_path) == (
+        tmp_path / "data/examples",
+        tmp_path / "data/world",
+        tmp_path / "runs",
+    )
+    assert TrainConfig.model_validate(cfg.model_dump(mode="json")) == cfg  # what the workers parse again
+
+
 def test_retrieval_models_need_no_world(tmp_path: Path) -> None:
     cfg = TrainConfig.model_validate(config(tmp_path, {"kind": "sasrec"}, world_dir=None))
     assert cfg.is_retrieval

@@ -20,7 +20,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from workloads.train.loop import clip_grad_norm
-from workloads.train.sharding import full_model_state, full_optimizer_state, load_full_state, parallelize
+from workloads.train.sharding import (
+    connect,
+    full_model_state,
+    full_optimizer_state,
+    load_full_state,
+    parallelize,
+)
 
 WORLD = 2
 COMBOS = [("ddp", False), ("ddp", True), ("fsdp2", False), ("fsdp2", True)]
@@ -149,3 +155,30 @@ def test_only_large_tables_are_split_by_columns(results: dict[str, dict[str, Any
     assert results[f"{strategy}-True"]["sharded"] == ["item"]
     assert results[f"{strategy}-True"]["local_item_shape"] == [2000, 8 // WORLD]
     assert results[f"{strategy}-False"]["sharded"] == []
+
+
+@pytest.mark.parametrize(
+    ("address", "env", "expected"),
+    [
+        (None, None, {"address": "local", "num_cpus": "workers + 1"}),
+        (None, "ray://head:10001", {"address": None}),  # inside a Ray job: its cluster
+        ("auto", None, {"address": "auto"}),
+    ],
+)
+def test_a_cluster_started_for_training_leaves_ray_data_a_cpu(
+    monkeypatch: pytest.MonkeyPatch, address: str | None, env: str | None, expected: dict[str, Any]
+) -> None:
+    """Two workers on a 2-core machine used to take both CPUs; Ray Data's reads then never ran."""
+    import ray
+
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    if env is None:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", env)
+    connect(address, num_workers=2, cpus_per_worker=1)
+    want = {**expected, "num_cpus": 3} if "num_cpus" in expected else expected
+    assert calls == [want]
