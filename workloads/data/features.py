@@ -381,6 +381,12 @@ class OnlineFeatures:
         self.store = feature_store(repo)
         self._fields = {v.name: [f.name for f in v.features] for v in self.store.list_feature_views()}
 
+    def never_materialized(self, counters: Sequence[str]) -> list[str]:
+        """The counter views holding ``counters`` that were never loaded into the online store: a model
+        reading them would score every candidate as if nobody had ever engaged with anything."""
+        views = {g.view for g in COUNTER_GROUPS if any(c.name in counters for c in g.counters)}
+        return sorted(v.name for v in self.store.list_feature_views() if v.name in views and not v.materialization_intervals)
+
     def _read(self, view: str, entity_rows: dict[str, Sequence[Any]]) -> dict[str, list[Any]]:
         refs = [f"{view}:{name}" for name in self._fields[view]]
         return self.store.get_online_features(features=refs, entity_rows=entity_rows).to_dict()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -71,13 +72,21 @@ class FeatureReader:
         self,
         feature_repo: str | Path,
         max_history: int,
-        with_counters: bool,
+        counters: Sequence[str] = (),
         timeout_s: float = 1.0,
         attempts: int = 3,
     ) -> None:
+        """``counters``: the ones the model reads (DCNv2: all; LiGR: its ``candidate_counters``)."""
         self.online = OnlineFeatures(Path(feature_repo))
+        empty = self.online.never_materialized(counters)
+        if empty:
+            raise RuntimeError(
+                f"the model reads counters {sorted(counters)} but feature view(s) {empty} were never "
+                f"materialized into the online store of {feature_repo}: run `rankray features materialize` "
+                "(all views, or --service with a feature service that holds them, e.g. ligr_v2)"
+            )
         self.max_history = max_history
-        self.with_counters = with_counters
+        self.with_counters = bool(counters)
         self.timeout_s, self.attempts = timeout_s, attempts
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="feast-read")
 
@@ -221,13 +230,13 @@ class FeatureFetcher:
         self,
         feature_repo: str,
         max_history: int,
-        with_counters: bool,
+        counters: Sequence[str],
         timeout_s: float,
         attempts: int,
         max_batch_size: int,
         batch_wait_timeout_s: float,
     ) -> None:
-        self.reader = FeatureReader(feature_repo, max_history, with_counters, timeout_s, attempts)
+        self.reader = FeatureReader(feature_repo, max_history, counters, timeout_s, attempts)
         configure_batching(self.fetch, max_batch_size, batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)

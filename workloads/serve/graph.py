@@ -28,7 +28,7 @@ from pydantic import (
 )
 from ray.serve import Application, Deployment
 
-from workloads.data.schema import TASKS
+from workloads.data.schema import COUNTER_FEATURES, TASKS
 from workloads.models.registry import parse_model_config
 from workloads.serve.features import FeatureFetcher
 from workloads.serve.ingress import RankIngress
@@ -155,7 +155,9 @@ def build_app(args: GraphArgs) -> Application:
     if args.model_kind == "ligr":
         model = ranking_model_config(args.artifact_uri)
         # DCNv2 reads every counter; LiGR only the ones named in candidate_counters (none by default)
-        with_counters = model.kind == "dcnv2" or bool(getattr(model, "candidate_counters", ()))
+        counters = (
+            COUNTER_FEATURES if model.kind == "dcnv2" else list(getattr(model, "candidate_counters", ()))
+        )
         max_history = model.max_history
         scorer = _deployment(PointwiseScorer).bind(
             args.artifact_uri,
@@ -169,11 +171,11 @@ def build_app(args: GraphArgs) -> Application:
                 args.artifact_uri, args.max_batch_size, args.batch_wait_timeout_s
             )
     else:  # 360Brew reads as much history as the store keeps and cuts it to its prompt budget itself
-        max_history, with_counters = BREW_MAX_HISTORY, False
+        max_history, counters = BREW_MAX_HISTORY, []
     fetcher = _deployment(FeatureFetcher).bind(
         args.feature_repo,
         max_history,
-        with_counters,
+        counters,
         args.feature_timeout_s,
         args.feature_attempts,
         args.max_batch_size,

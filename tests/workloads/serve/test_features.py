@@ -30,7 +30,7 @@ UNKNOWN_ITEM = 10**6
 
 
 def reader(world: ServeWorld, timeout_s: float = 2.0, attempts: int = 2) -> FeatureReader:
-    return FeatureReader(world.repo, HISTORY_LEN, with_counters=False, timeout_s=timeout_s, attempts=attempts)
+    return FeatureReader(world.repo, HISTORY_LEN, timeout_s=timeout_s, attempts=attempts)
 
 
 def request(world: ServeWorld, member: int, candidates: list[int], inline: list[InlineItem] | None = None):
@@ -145,3 +145,12 @@ def test_a_hanging_store_is_a_503_within_the_retry_bound(serve_world: ServeWorld
         waited = time.perf_counter() - began
     assert caught.value.status == 503 and "no answer within 0.3s" in caught.value.message
     assert waited < 2 * (0.3 + 0.5) + 1.0  # attempts x (timeout + backoff), plus slack: not sqlite's 5 s wait
+
+
+def test_counters_whose_views_were_never_materialized_refuse_to_start(serve_world: ServeWorld) -> None:
+    """Served from an empty view, every candidate would read as never engaged with: a silent skew."""
+    with pytest.raises(
+        RuntimeError, match=r"feature view\(s\) \['member_counters'\] were never materialized"
+    ):
+        FeatureReader(serve_world.repo, HISTORY_LEN, ["ma_eng_30d", "member_eng_rate_30d"])
+    FeatureReader(serve_world.repo, HISTORY_LEN, ["ma_eng_30d", "item_ctr_7d"])  # ligr_v2's: materialized

@@ -26,10 +26,10 @@ TOP_K = 10
 
 
 def fetch(
-    world: ServeWorld, requests: list[tuple[int, list[int]]], with_counters: bool = False
+    world: ServeWorld, requests: list[tuple[int, list[int]]], counters: tuple[str, ...] = ()
 ) -> list[RequestFeatures]:
     as_of = int(pd.Timestamp(world.end).value // 1000)
-    reader = FeatureReader(world.repo, HISTORY_LEN, with_counters=with_counters)
+    reader = FeatureReader(world.repo, HISTORY_LEN, counters)
     got = asyncio.run(reader.read([FetchRequest(m, np.asarray(c), [], as_of) for m, c in requests]))
     assert all(isinstance(g, RequestFeatures) for g in got)
     return got  # type: ignore[return-value]
@@ -72,7 +72,7 @@ def test_a_model_that_reads_counters_scores_with_the_counters_of_the_log(
     )
     member = busiest_member(serve_world)
     candidates = list(range(100, 140))
-    fetched = fetch(serve_world, [(member, candidates)], with_counters=True)
+    fetched = fetch(serve_world, [(member, candidates)], counters)
     assert (fetched[0].candidates["cand_ma_eng_30d"] > 0).any(), "the member engaged with none of the actors"
     served = PointwiseModel(artifact, DEFAULT_TASK_WEIGHTS, TOP_K).score(fetched)[0]
     expected = expected_scores(
