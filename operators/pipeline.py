@@ -327,6 +327,7 @@ class GateVerdict(BaseModel):
     reference: float | None = None
     reference_name: str = ""
     lift: float | None = None
+    lift_ci95: list[float] | None = None
 
 
 class EvaluationSummary(BaseModel):

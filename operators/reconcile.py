@@ -322,6 +322,7 @@ class _Pipeline:
             reference=verdict.reference,
             reference_name=verdict.reference_name,
             lift=verdict.lift,
+            lift_interval=verdict.lift_ci95,
             required_lift=gate.min_lift,
         )
 
@@ -488,6 +489,9 @@ def _gate_message(version: ModelVersion) -> str:
         return "n/a" if x is None else f"{x:.4f}"
 
     lift = "n/a" if gate.lift is None else f"{gate.lift:+.2%}"
+    if gate.lift_interval is not None:
+        low, high = gate.lift_interval
+        lift += f" (95% interval {low:+.2%} to {high:+.2%})"
     return (
         f"{version.name} {verdict} the gate: {gate.metric} {number(gate.value)} vs "
         f"{gate.reference_name or 'reference'} {number(gate.reference)}, lift {lift} "

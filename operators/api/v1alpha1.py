@@ -560,6 +560,13 @@ class GateResult(_Status):
     reference: float | None = Field(None, description="The reference's value.")
     reference_name: str = Field("", description="What the candidate was compared with (baseline or vN).")
     lift: float | None = Field(None, description="Relative lift of the candidate over the reference.")
+    lift_interval: list[float] | None = Field(
+        None,
+        min_length=2,
+        max_length=2,
+        description="95% interval of the lift [low, high] (evaluation sessions resampled, both models on "
+        "each resample), when the gate compares one task's AUC; a lift whose interval holds 0 is noise.",
+    )
     required_lift: float = Field(0.0, description="spec.evaluation.minLift at the time of the evaluation.")
 
 

@@ -35,7 +35,14 @@ T0 = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 PASSING = {
     "task_auc": {"click": 0.71, "contribution": 0.69, "long_dwell": 0.73},
     "auc": 0.71,
-    "gate": {"passed": True, "value": 0.71, "reference": 0.70, "reference_name": "baseline", "lift": 0.0143},
+    "gate": {
+        "passed": True,
+        "value": 0.71,
+        "reference": 0.70,
+        "reference_name": "baseline",
+        "lift": 0.0143,
+        "lift_ci95": [0.004, 0.025],
+    },
 }
 FAILING = {
     "task_auc": {"click": 0.70},
@@ -183,6 +190,11 @@ def test_every_phase_in_order_until_the_first_version_serves(manifest: dict[str,
     assert status.endpoint == "http://feed-ligr-serve-svc.ranking.svc.cluster.local:8000/"
     assert condition(status, ConditionType.READY)[:2] == (ConditionStatus.TRUE, "Serving")
     assert condition(status, ConditionType.GATE_PASSED)[:2] == (ConditionStatus.TRUE, "GatePassed")
+    assert status.current_version.gate is not None and status.current_version.gate.lift_interval == [
+        0.004,
+        0.025,
+    ]
+    assert "lift +1.43% (95% interval +0.40% to +2.50%)" in condition(status, ConditionType.GATE_PASSED)[2]
     assert condition(status, ConditionType.PROGRESSING)[:2] == (ConditionStatus.FALSE, "UpToDate")
     assert condition(status, ConditionType.FAILED)[0] is ConditionStatus.FALSE
     assert any(e.reason == "Promoted" for e in plan.events)

@@ -31,6 +31,7 @@ from workloads.eval.metrics import (
     hit_rate_at_k,
     ndcg_at_k,
     normalized_entropy,
+    paired_auc_difference,
     seen_items,
     target_ranks,
 )
@@ -89,6 +90,7 @@ class ScoredCandidates:
     labels: np.ndarray  # (N, T)
     history_len: np.ndarray  # (N,) events before the session (the full history, not the truncated one)
     rows: int  # sessions
+    session: np.ndarray  # (N,) which session (row of the examples) each candidate belongs to
     setwise_logits: np.ndarray | None = None  # (N, T) the set-wise part of the logit, for models with one
 
 
@@ -120,7 +122,7 @@ def score_examples(
     if spec.get("semantic_ids_source"):
         codebook = artifact.config["model"]["sid_codebook_size"]
         sids = SemanticIdTable.from_parquet(spec["semantic_ids_source"], codebook)
-    probs, labels, history, setwise = [], [], [], []
+    probs, labels, history, session, setwise = [], [], [], [], []
     for start in range(0, examples.num_rows, batch_size):
         rows = _numpy_rows(examples.slice(start, batch_size))
         batch = collate(rows, content, spec["max_history"], spec["max_candidates"], sids)
@@ -131,6 +133,8 @@ def score_examples(
         labels.append(batch.labels[mask].numpy())
         per_candidate = np.broadcast_to(rows["history_len"][:, None], mask.shape)
         history.append(per_candidate[mask.numpy()])
+        row_index = np.arange(start, start + len(rows["history_len"]))
+        session.append(np.broadcast_to(row_index[:, None], mask.shape)[mask.numpy()])
         if output.setwise_logits is not None:
             setwise.append(output.setwise_logits.float()[mask].numpy())
     empty = np.zeros((0, len(TASKS)))
@@ -139,6 +143,7 @@ def score_examples(
         labels=np.concatenate(labels or [empty]),
         history_len=np.concatenate(history or [np.zeros(0, dtype=np.int64)]),
         rows=examples.num_rows,
+        session=np.concatenate(session or [np.zeros(0, dtype=np.int64)]),
         setwise_logits=np.concatenate(setwise) if setwise else None,
     )
 
@@ -245,14 +250,32 @@ def _label(artifact: LoadedArtifact) -> str:
     return f"{artifact.name}/v{artifact.version}"
 
 
-def evaluate_artifact(artifact: LoadedArtifact, cfg: EvalConfig) -> dict[str, Any]:
+def evaluate_artifact(
+    artifact: LoadedArtifact, cfg: EvalConfig
+) -> tuple[dict[str, Any], ScoredCandidates | None]:
+    """The artifact's metrics, and (ranking models) its scored candidates for paired comparisons."""
     kind = artifact.config["model"]["kind"]
     info = {"path": str(artifact.path), "kind": kind, "n_features": artifact.feature_spec.get("n_features")}
     if kind in ("ligr_retrieval", "sasrec"):
-        return {**info, **retrieval_metrics(retrieval_ranks(artifact, cfg.examples_dir, cfg.batch_size))}
+        ranks = retrieval_ranks(artifact, cfg.examples_dir, cfg.batch_size)
+        return {**info, **retrieval_metrics(ranks)}, None
     surfaces = artifact.feature_spec.get("surfaces", ["feed"])
     examples = read_examples(cfg.examples_dir, cfg.split, surfaces)
-    return {**info, **ranking_metrics(score_examples(artifact, examples, cfg.world_dir, cfg.batch_size))}
+    scored = score_examples(artifact, examples, cfg.world_dir, cfg.batch_size)
+    return {**info, **ranking_metrics(scored)}, scored
+
+
+def paired_with(scored: ScoredCandidates, reference: ScoredCandidates) -> dict[str, Any] | None:
+    """Per task, AUC difference to the reference on the same candidates with its 95% interval (sessions
+    resampled); None when the two were not scored on the same candidates (other surfaces)."""
+    if scored.labels.shape != reference.labels.shape or not np.array_equal(scored.labels, reference.labels):
+        return None
+    return {
+        task: paired_auc_difference(
+            scored.labels[:, t], scored.probs[:, t], reference.probs[:, t], scored.session
+        )
+        for t, task in enumerate(TASKS)
+    }
 
 
 def json_safe(value: Any) -> Any:
@@ -277,7 +300,14 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate every artifact (and the baseline), apply the gate, write ``output``; returns a summary."""
     artifacts = [load_artifact(path) for path in cfg.artifacts]
     baseline = load_artifact(cfg.baseline) if cfg.baseline else None
-    results = {_label(a): evaluate_artifact(a, cfg) for a in [*artifacts, *([baseline] if baseline else [])]}
+    evaluated = {
+        _label(a): evaluate_artifact(a, cfg) for a in [*artifacts, *([baseline] if baseline else [])]
+    }
+    results = {label: metrics for label, (metrics, _) in evaluated.items()}
+    if baseline is not None and (reference := evaluated[_label(baseline)][1]) is not None:
+        for label, (metrics, scored) in evaluated.items():
+            if scored is not None and label != _label(baseline):
+                metrics["vs_baseline"] = paired_with(scored, reference)
     report: dict[str, Any] = {
         "split": cfg.split,
         "examples_dir": str(cfg.examples_dir),

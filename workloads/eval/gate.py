@@ -27,6 +27,7 @@ from workloads.data.schema import COUNTER_FEATURES, TASKS
 from workloads.eval.evaluate import (
     ScoredCandidates,
     json_safe,
+    paired_with,
     ranking_metrics,
     read_examples,
     score_examples,
@@ -110,7 +111,10 @@ def counter_baseline_scores(train: pa.Table, evaluation: pa.Table, seed: int = 0
         probs = torch.sigmoid(torch.from_numpy((x_eval - mean) / std) @ weights + bias).numpy()
     per_row = [len(ids) for ids in evaluation.column("cand_item_id").to_pylist()]
     history = np.repeat(evaluation.column("history_len").to_numpy(), per_row)
-    return ScoredCandidates(probs=probs, labels=y_eval, history_len=history, rows=evaluation.num_rows)
+    session = np.repeat(np.arange(evaluation.num_rows), per_row)
+    return ScoredCandidates(
+        probs=probs, labels=y_eval, history_len=history, rows=evaluation.num_rows, session=session
+    )
 
 
 # --- The verdict ------------------------------------------------------------------------------------------
@@ -149,6 +153,15 @@ def verdict(value: float | None, reference: float | None, gate: GateSpec) -> dic
     return {**base, "passed": passed, "lift": lift, "reason": reason}
 
 
+def with_interval(gate: dict[str, Any], paired: dict[str, float]) -> dict[str, Any]:
+    """The verdict plus the 95% interval of its lift (sessions resampled, both models on each
+    resample): a lift inside run-to-run noise reads as such. The decision stays on the lift itself."""
+    reference = gate["reference"]
+    low, high = paired["ci95_low"] / reference, paired["ci95_high"] / reference
+    reason = f"{gate['reason']} (95% interval of the lift {100 * low:+.2f}% to {100 * high:+.2f}%)"
+    return {**gate, "lift_ci95": [low, high], "reason": reason}
+
+
 def _per_task(overall: dict[str, Any], metric: str) -> dict[str, float | None]:
     suffix = "auc" if metric == "auc" else "ne"
     return {task: _finite(overall.get(f"{task}_{suffix}")) for task in TASKS}
@@ -161,14 +174,18 @@ def evaluate_ligr(cfg: GateStageConfig) -> dict[str, Any]:
     evaluation = read_examples(cfg.examples_dir, "eval", cfg.surfaces)
     if evaluation.num_rows == 0:
         raise ValueError(f"examples_dir {cfg.examples_dir}: no eval sessions on surfaces {cfg.surfaces}")
-    candidate = ranking_metrics(score_examples(load_artifact(cfg.artifact_dir), evaluation, cfg.world_dir))
+    scored = score_examples(load_artifact(cfg.artifact_dir), evaluation, cfg.world_dir)
     if cfg.gate.reference_artifact_dir is not None:
         reference_artifact = load_artifact(cfg.gate.reference_artifact_dir)
-        reference = ranking_metrics(score_examples(reference_artifact, evaluation, cfg.world_dir))
+        reference = score_examples(reference_artifact, evaluation, cfg.world_dir)
     else:
         train = read_examples(cfg.examples_dir, "train", cfg.surfaces)
-        reference = ranking_metrics(counter_baseline_scores(train, evaluation))
-    return {"candidate": candidate, "reference": reference}
+        reference = counter_baseline_scores(train, evaluation)
+    return {
+        "candidate": ranking_metrics(scored),
+        "reference": ranking_metrics(reference),
+        "paired": paired_with(scored, reference),  # AUC differences with their 95% intervals
+    }
 
 
 def evaluate_brew(cfg: GateStageConfig) -> dict[str, Any]:
@@ -223,6 +240,9 @@ def run(cfg: GateStageConfig) -> dict[str, Any]:
         else {t.removesuffix("_auc"): _finite(v) for t, v in reference.items()}
     )
     gate = verdict(gate_value(per_task, cfg.gate), gate_value(reference_per_task, cfg.gate), cfg.gate)
+    paired = (report.get("paired") or {}).get(cfg.gate.task or "")
+    if cfg.gate.metric == "auc" and paired and gate["lift"] is not None:
+        gate = with_interval(gate, paired)
     defined = [v for v in task_auc.values() if v is not None]
     ne = [v for v in _per_task(candidate, "normalized_entropy").values() if v is not None]
     summary = {

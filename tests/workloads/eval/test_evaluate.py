@@ -105,6 +105,16 @@ def test_evaluation_scores_every_eval_candidate_and_gates(
     assert report["gate"]["candidate"] == "ligr/v1" and report["baseline"] == "dcn/v1"
     assert summary["gate_passed"] is True and "long_dwell_auc" in summary["reason"]
     assert summary["models"]["ligr/v1"]["long_dwell_auc"] == ligr_result["overall"]["long_dwell_auc"]
+    # paired with the baseline on the same candidates: the difference of the two AUCs, inside its interval
+    paired = ligr_result["vs_baseline"]["long_dwell"]
+    difference = (
+        ligr_result["overall"]["long_dwell_auc"] - report["models"]["dcn/v1"]["overall"]["long_dwell_auc"]
+    )
+    assert paired["difference"] == pytest.approx(difference)
+    assert (
+        paired["ci95_low"] <= paired["difference"] <= paired["ci95_high"] and 0 <= paired["p_not_better"] <= 1
+    )
+    assert "vs_baseline" not in report["models"]["dcn/v1"]
     assert not [p for p in cfg.output.parent.iterdir() if p.name.startswith(".")]  # no temp file left
 
     # the reported AUC is the AUC of the model's own scores on those candidates
@@ -117,6 +127,8 @@ def test_evaluation_scores_every_eval_candidate_and_gates(
     # LiGR's set-wise part comes along (the set-wise experiment reads it); DCNv2 has none
     assert scored.setwise_logits is not None and scored.setwise_logits.shape == scored.probs.shape
     assert scored.setwise_logits.std() > 0
+    rows = read_examples(tiny_examples, "eval", ["feed"]).column("cand_item_id").to_pylist()
+    np.testing.assert_array_equal(scored.session, np.repeat(np.arange(len(rows)), [len(r) for r in rows]))
     dcn_scored = score_examples(load_artifact(dcn), read_examples(tiny_examples, "eval", ["feed"]))
     assert dcn_scored.setwise_logits is None
 

@@ -97,6 +97,11 @@ def test_a_stage_run_prints_the_summary_the_operator_reads(
     assert summary.gate.passed is False and summary.gate.lift is not None and summary.gate.lift < 0
     assert summary.auc == pytest.approx(np.mean(list(summary.task_auc.values())))
     assert summary.normalized_entropy is not None and math.isfinite(summary.normalized_entropy)
+    low, high = report["summary"]["gate"]["lift_ci95"]  # the lift's 95% interval, sessions resampled
+    assert low <= summary.gate.lift <= high and summary.gate.lift_ci95 == [low, high]
+    assert "95% interval of the lift" in report["summary"]["gate"]["reason"]
+    paired = report["paired"]["long_dwell"]
+    assert paired["difference"] == pytest.approx(summary.gate.value - summary.gate.reference)
 
     # against the serving version instead: the same model scores the same, so the lift is exactly zero
     served = GateSpec(metric="normalized_entropy", reference_artifact_dir=candidate, reference_name="v1")

@@ -15,6 +15,7 @@ from workloads.eval.metrics import (
     log_loss,
     ndcg_at_k,
     normalized_entropy,
+    paired_auc_difference,
     seen_items,
     target_ranks,
 )
@@ -78,3 +79,34 @@ def test_auc_standard_error_shrinks_with_data() -> None:
     assert auc_standard_error(0.8, 50, 50) == pytest.approx(0.0445, abs=1e-4)
     assert auc_standard_error(0.8, 500, 500) < auc_standard_error(0.8, 50, 50)
     assert math.isnan(auc_standard_error(0.8, 0, 10))
+
+
+def test_a_model_against_itself_differs_by_nothing() -> None:
+    rng = np.random.default_rng(0)
+    y, s = rng.random(400) < 0.3, rng.random(400)
+    got = paired_auc_difference(y, s, s, np.arange(400) // 4, resamples=50)
+    assert got == {"difference": 0.0, "ci95_low": 0.0, "ci95_high": 0.0, "p_not_better": 1.0}
+
+
+def test_a_clearly_better_model_has_an_interval_above_zero() -> None:
+    rng = np.random.default_rng(1)
+    signal = rng.normal(size=4000)
+    y = rng.random(4000) < 1 / (1 + np.exp(-2 * signal))
+    better, worse = signal + rng.normal(0, 0.5, 4000), signal + rng.normal(0, 2.0, 4000)
+    got = paired_auc_difference(y, better, worse, np.arange(4000) // 8, resamples=200)
+    assert 0 < got["ci95_low"] < got["difference"] < got["ci95_high"]
+    assert got["p_not_better"] == 0.0
+    flipped = paired_auc_difference(y, worse, better, np.arange(4000) // 8, resamples=200)
+    assert flipped["difference"] == pytest.approx(-got["difference"]) and flipped["p_not_better"] == 1.0
+
+
+def test_whole_sessions_are_resampled_not_single_candidates() -> None:
+    """Copying every candidate 5 times inside its own session adds no information: same interval."""
+    rng = np.random.default_rng(2)
+    y, a, b = rng.random(600) < 0.4, rng.random(600), rng.random(600)
+    a = a + 0.3 * y
+    single = paired_auc_difference(y, a, b, np.arange(600), resamples=100)
+    copies = paired_auc_difference(
+        np.repeat(y, 5), np.repeat(a, 5), np.repeat(b, 5), np.repeat(np.arange(600), 5), resamples=100
+    )
+    assert copies == pytest.approx(single)
