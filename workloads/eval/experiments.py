@@ -224,8 +224,23 @@ def baseline(lab: Lab) -> dict[str, Any]:
         row["model"]: {m: _lift(row[m], rows[-1][m]) for m in ("long_dwell_auc", "contribution_auc")}
         for row in rows[:-1]
     }
+    # each lift's 95% interval from the paired comparison on the same candidates (sessions resampled)
+    intervals = {}
+    for name, path in models[:-1]:
+        paired = _overall(report, path).get("vs_baseline") or {}
+        intervals[name] = {
+            f"{task}_auc": [_lift(rows[-1][f"{task}_auc"] + paired[task][bound], rows[-1][f"{task}_auc"])
+                            for bound in ("ci95_low", "ci95_high")]
+            for task in ("long_dwell", "contribution") if task in paired
+        }  # fmt: skip
     plot = comparison_plot(rows, AUCS, lab.cfg.img_dir / "ligr_vs_dcnv2.png", "LiGR vs DCNv2 (eval period)")
-    return {"rows": rows, "lift_percent": lifts, "gate": report["gate"], "plot": str(plot)}
+    return {
+        "rows": rows,
+        "lift_percent": lifts,
+        "lift_percent_ci95": intervals,
+        "gate": report["gate"],
+        "plot": str(plot),
+    }
 
 
 def setwise(lab: Lab) -> dict[str, Any]:
