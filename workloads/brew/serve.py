@@ -101,6 +101,13 @@ class BrewScorer:
         else:
             self.engine, self.reference = None, TransformersScorer(self.artifact, self.config)
 
+    def __del__(self) -> None:
+        """Serve calls this when the replica stops: vLLM's engine-core process must be shut down, or
+        the shared memory of its message queues (400 MiB of /dev/shm here) outlives the replica."""
+        engine, self.engine = getattr(self, "engine", None), None
+        if engine is not None:
+            engine.close()
+
     def _history(self, request: BrewScoreRequest, mask: int) -> list[HistoryEvent]:
         try:
             if request.history is not None:
