@@ -215,17 +215,19 @@ def _container(
     return container
 
 
+# Ray's object store and vLLM's message queues live in /dev/shm, of which a container gets 64 MiB by
+# default; a memory-backed emptyDir gives them the pod's memory (what they use counts against its limit).
+SHM_VOLUME = {"name": "dshm", "emptyDir": {"medium": "Memory"}}
+SHM_MOUNT = {"name": "dshm", "mountPath": "/dev/shm"}
+
+
 def _pod_template(
     container: dict[str, Any], volumes: list[dict[str, Any]], pool: NodePool, settings: KubeRaySettings
 ) -> dict[str, Any]:
+    container = {**container, "volumeMounts": [*container.get("volumeMounts", []), SHM_MOUNT]}
     if settings.pod_env:
-        container = {
-            **container,
-            "env": [variable.manifest() for variable in settings.pod_env],
-        }
-    spec: dict[str, Any] = {"containers": [container]}
-    if volumes:
-        spec["volumes"] = volumes
+        container["env"] = [variable.manifest() for variable in settings.pod_env]
+    spec: dict[str, Any] = {"containers": [container], "volumes": [*volumes, SHM_VOLUME]}
     if pool.node_selector:
         spec["nodeSelector"] = dict(pool.node_selector)
     if pool.tolerations:

@@ -23,6 +23,7 @@ from operators.api.crd import version_schema
 from operators.api.v1alpha1 import RankingModel
 from operators.backends.kuberay import (
     DIGEST_ANNOTATION,
+    SHM_VOLUME,
     KubeRayBackend,
     KubeRaySettings,
     observe_rayjob,
@@ -275,7 +276,9 @@ def test_pvc_storage_is_mounted_where_the_configs_point() -> None:
         "workerGroupSpecs"
     ][0]
     pod_spec = pod["template"]["spec"]
-    claims = {v["persistentVolumeClaim"]["claimName"]: v["name"] for v in pod_spec["volumes"]}
+    claims = {
+        v["persistentVolumeClaim"]["claimName"]: v["name"] for v in pod_spec["volumes"] if v["name"] != "dshm"
+    }
     assert set(claims) == {"rankray-data", "rankray-artifacts"}
     mounts = {m["name"]: m["mountPath"] for m in pod_spec["containers"][0]["volumeMounts"]}
     assert mounts[claims["rankray-artifacts"]] == "/mnt/pvc/rankray-artifacts"
@@ -285,7 +288,21 @@ def test_pvc_storage_is_mounted_where_the_configs_point() -> None:
     service_pod = rayservice(s3, _serving_app(s3), SETTINGS)["spec"]["rayClusterConfig"]["headGroupSpec"][
         "template"
     ]
-    assert "volumes" not in service_pod["spec"], "an s3:// artifact root needs no volume"
+    assert service_pod["spec"]["volumes"] == [SHM_VOLUME], "an s3:// artifact root needs no volume"
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_ray_pod_gets_a_memory_backed_dev_shm(name: str) -> None:
+    """Ray's object store and vLLM's queues live in /dev/shm, 64 MiB in a container without this."""
+    model = MODELS[name]
+    clusters = [rayservice(model, _serving_app(model), SETTINGS)["spec"]["rayClusterConfig"]]
+    for stage in stages(model.spec.model.kind):
+        clusters.append(rayjob(model, _stage_job(model, stage), SETTINGS)["spec"]["rayClusterSpec"])
+    for cluster in clusters:
+        for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+            pod = group["template"]["spec"]
+            assert SHM_VOLUME in pod["volumes"]
+            assert {"name": "dshm", "mountPath": "/dev/shm"} in pod["containers"][0]["volumeMounts"]
 
 
 def test_the_rayservice_carries_the_serve_config_of_its_version() -> None:
