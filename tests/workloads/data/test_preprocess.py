@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -409,6 +410,7 @@ def remote_cluster() -> Iterator[str]:
             env={**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"},
             stdout=sink,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: the head and everything it started
         )  # fmt: skip
     try:
         deadline = time.monotonic() + 180
@@ -418,8 +420,14 @@ def remote_cluster() -> Iterator[str]:
             time.sleep(1)
         yield f"127.0.0.1:{port}"
     finally:
-        head.terminate()  # `ray start --block` stops the processes it started when it exits
-        head.wait(timeout=60)
+        # a throwaway cluster: SIGTERM to the whole group, then SIGKILL. A graceful stop waits ~30 s
+        # for the detached actors Ray Data leaves behind (_StatsActor, _AutoscalingCoordinatorActor)
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=20)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
