@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, model_validator
 
 from workloads.data.schema import TASKS, data_root
 from workloads.eval.metrics import (
@@ -70,6 +70,9 @@ class EvalConfig(BaseModel):
     world_dir: Path | None = Field(None, description="item content source; default: the artifact's own")
     split: Literal["eval", "train"] = Field("eval", description="ranking: which example split to score")
     batch_size: PositiveInt = 256
+    interval_resamples: NonNegativeInt = Field(
+        1000, description="session resamples for the paired intervals vs the baseline (0: none)"
+    )
     output: Path = Field(default_factory=lambda: data_root() / "eval" / "metrics.json")
 
     @model_validator(mode="after")
@@ -265,16 +268,22 @@ def evaluate_artifact(
     return {**info, **ranking_metrics(scored)}, scored
 
 
-def paired_with(scored: ScoredCandidates, reference: ScoredCandidates) -> dict[str, Any] | None:
+def paired_with(
+    scored: ScoredCandidates, reference: ScoredCandidates, tasks: Sequence[str] = TASKS, resamples: int = 1000
+) -> dict[str, Any] | None:
     """Per task, AUC difference to the reference on the same candidates with its 95% interval (sessions
-    resampled); None when the two were not scored on the same candidates (other surfaces)."""
+    resampled); None when the two were not scored on the same candidates (other surfaces), or when no
+    resamples are asked for (each costs two AUCs over every candidate)."""
+    if resamples == 0:
+        return None
     if scored.labels.shape != reference.labels.shape or not np.array_equal(scored.labels, reference.labels):
         return None
     return {
         task: paired_auc_difference(
-            scored.labels[:, t], scored.probs[:, t], reference.probs[:, t], scored.session
+            scored.labels[:, t], scored.probs[:, t], reference.probs[:, t], scored.session, resamples
         )
         for t, task in enumerate(TASKS)
+        if task in tasks
     }
 
 
@@ -307,7 +316,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     if baseline is not None and (reference := evaluated[_label(baseline)][1]) is not None:
         for label, (metrics, scored) in evaluated.items():
             if scored is not None and label != _label(baseline):
-                metrics["vs_baseline"] = paired_with(scored, reference)
+                metrics["vs_baseline"] = paired_with(scored, reference, resamples=cfg.interval_resamples)
     report: dict[str, Any] = {
         "split": cfg.split,
         "examples_dir": str(cfg.examples_dir),

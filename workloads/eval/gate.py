@@ -68,6 +68,9 @@ class GateStageConfig(BaseModel):
     gate: GateSpec = GateSpec()
     brew_examples_per_task: int = Field(400, ge=2, description="360Brew: examples scored per task")
     brew_scorer: Literal["vllm", "transformers"] = Field("vllm", description="360Brew: scoring backend")
+    interval_resamples: int = Field(
+        1000, ge=0, description="LiGR: session resamples for the lift's 95% interval (0: none)"
+    )
 
 
 # --- The counter baseline (LiGR section 3.1) -------------------------------------------------------------
@@ -184,7 +187,13 @@ def evaluate_ligr(cfg: GateStageConfig) -> dict[str, Any]:
     return {
         "candidate": ranking_metrics(scored),
         "reference": ranking_metrics(reference),
-        "paired": paired_with(scored, reference),  # AUC differences with their 95% intervals
+        # an AUC gate's difference with its 95% interval, for its task (or each task, for their mean)
+        "paired": paired_with(
+            scored,
+            reference,
+            [cfg.gate.task] if cfg.gate.task else TASKS,
+            cfg.interval_resamples if cfg.gate.metric == "auc" else 0,
+        ),
     }
 
 

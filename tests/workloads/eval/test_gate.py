@@ -100,6 +100,7 @@ def test_a_stage_run_prints_the_summary_the_operator_reads(
     low, high = report["summary"]["gate"]["lift_ci95"]  # the lift's 95% interval, sessions resampled
     assert low <= summary.gate.lift <= high and summary.gate.lift_ci95 == [low, high]
     assert "95% interval of the lift" in report["summary"]["gate"]["reason"]
+    assert set(report["paired"]) == {"long_dwell"}  # only the gate's task pays for resampling
     paired = report["paired"]["long_dwell"]
     assert paired["difference"] == pytest.approx(summary.gate.value - summary.gate.reference)
 
@@ -109,6 +110,7 @@ def test_a_stage_run_prints_the_summary_the_operator_reads(
     assert (
         again["gate"]["lift"] == 0.0 and again["gate"]["passed"] and again["gate"]["reference_name"] == "v1"
     )
+    assert "lift_ci95" not in again["gate"]  # an interval for AUC gates only
 
 
 def test_a_wrong_config_is_refused_by_name(tmp_path: Path) -> None:
