@@ -100,7 +100,8 @@ def feature_spec(
     return spec
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -150,7 +151,7 @@ def save_artifact(
                 "version": version,
                 "created": datetime.now(UTC).isoformat(),
                 "model_kind": model_config.kind,
-                "files": {f: _sha256(tmp / f) for f in files},
+                "files": {f: file_sha256(tmp / f) for f in files},
             },
         )
         os.rename(tmp, out_dir)  # atomic on one filesystem; fails if a concurrent writer got there first
@@ -187,7 +188,7 @@ def load_artifact(path: str | Path, verify: bool = True) -> LoadedArtifact:
         raise ValueError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT_VERSION}")
     if verify:
         for file, expected in manifest["files"].items():
-            if _sha256(path / file) != expected:
+            if file_sha256(path / file) != expected:
                 raise ValueError(f"{path / file}: sha256 does not match {MANIFEST}")
     config = json.loads((path / "config.json").read_text())
     model = build_any_model(load_model_config(config["model"]))

@@ -11,7 +11,6 @@ without upload, which registers it and its epoch's metrics, so nothing downstrea
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import tempfile
@@ -26,6 +25,8 @@ import ray.train
 import torch.distributed as dist
 from ray.train import CheckpointUploadMode
 
+from workloads.train.artifact import file_sha256
+
 MANIFEST = "manifest.json"
 PREFIX = "checkpoint_epoch_"
 
@@ -36,16 +37,8 @@ def checkpoint_dir_name(finished_epochs: int) -> str:
     return f"{PREFIX}{finished_epochs:06d}"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest(folder: Path, finished_epochs: int, metrics: dict[str, Any]) -> None:
-    files = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    files = {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
     manifest = {"finished_epochs": finished_epochs, "metrics": metrics, "files": files}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
@@ -59,7 +52,7 @@ def read_complete_manifest(folder: Path) -> dict[str, Any] | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     for name, digest in files.items():
-        if not (folder / name).is_file() or _sha256(folder / name) != digest:
+        if not (folder / name).is_file() or file_sha256(folder / name) != digest:
             return None
     return manifest
 
