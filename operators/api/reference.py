@@ -84,6 +84,12 @@ def _constraints(node: dict[str, Any], required: bool) -> str:
     parts = ["required"] if required else []
     if "enum" in node:
         parts.append("one of " + ", ".join(f"`{v}`" for v in node["enum"]))
+    if "enum" in node.get("items", {}):
+        parts.append("each one of " + ", ".join(f"`{v}`" for v in node["items"]["enum"]))
+    if "minItems" in node:
+        parts.append(f"≥ {node['minItems']} items")
+    if "maxItems" in node:
+        parts.append(f"≤ {node['maxItems']} items")
     if "minimum" in node:
         parts.append(f"≥ {node['minimum']}")
     if "maximum" in node:
