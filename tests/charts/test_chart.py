@@ -19,7 +19,8 @@ import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterable
-from pathlib import Path
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import kmock
@@ -40,6 +41,8 @@ VALUES_FILES = ["values.yaml", "values-dev.yaml", "values-staging.yaml", "values
 # removed in between fails one of the two.
 K8S_VERSIONS = ["1.29", "1.37"]
 NAMESPACE = "rankray-system"
+# The values files that schedule Feast materialization (featureMaterialization.enabled).
+MATERIALIZING = ["values-staging.yaml", "values-prod.yaml"]
 
 # Everything the operator may do, per (apiGroup, resource). A grant outside this list fails the test:
 # widening RBAC has to be a deliberate edit here, next to the reason.
@@ -259,9 +262,9 @@ def test_operator_deployment_runs_kopf_with_liveness(
     assert container["envFrom"] == [{"configMapRef": {"name": settings["metadata"]["name"]}}]
 
 
-def argv_the_container_runs(container: Manifest, scratch: Path) -> list[str]:
-    """Run the container's command + args for real, with a `rankray` on PATH that records its argv."""
-    recorder = scratch / "rankray"
+def argv_the_container_runs(container: Manifest, scratch: Path, program: str = "rankray") -> list[str]:
+    """Run the container's command + args for real, with a `program` on PATH that records its argv."""
+    recorder = scratch / program
     record = "import json, sys; print(json.dumps(sys.argv[1:]))"
     recorder.write_text(f"#!/bin/sh\nexec '{sys.executable}' -c '{record}' \"$@\"\n")
     recorder.chmod(0o755)
@@ -555,6 +558,114 @@ def test_image_defaults_to_app_version_and_a_digest_pins_it(helm: Path) -> None:
     container = the_one(pinned, "Deployment")["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == f"ghcr.io/rankray/rankray@{digest}"
     assert the_one(pinned, "ConfigMap")["data"]["RANKRAY_IMAGE"] == container["image"]
+
+
+# ------------------------------------------------------------------------ scheduled materialization
+
+
+@pytest.mark.parametrize("values_file", VALUES_FILES)
+def test_materialization_is_scheduled_only_where_enabled(
+    rendered: dict[str, list[Manifest]], values_file: str
+) -> None:
+    """Off by default and in dev (`make demo` materializes the local store); on in staging and prod.
+    The CronJob itself passes test_every_rendered_object_validates with the other objects."""
+    assert len(of_kind(rendered[values_file], "CronJob")) == (values_file in MATERIALIZING)
+
+
+@pytest.mark.parametrize("values_file", MATERIALIZING)
+def test_materialization_never_overlaps_and_writes_the_store_serving_reads(
+    rendered: dict[str, list[Manifest]], values_file: str
+) -> None:
+    manifests = rendered[values_file]
+    cronjob = the_one(manifests, "CronJob")
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    operator_pod = the_one(manifests, "Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["securityContext"] == operator_pod["securityContext"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"] == operator_pod["containers"][0]["securityContext"]
+    assert pod["automountServiceAccountToken"] is False  # it never calls the API server
+    selector = the_one(manifests, "Deployment")["spec"]["selector"]["matchLabels"]
+    labels = cronjob["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+    assert not selector.items() <= labels.items(), "the operator's PDB and anti-affinity would count it"
+
+    assert container["image"] == the_one(manifests, "ConfigMap")["data"]["RANKRAY_IMAGE"]
+    workloads = load_values("values.yaml")["workloads"] | load_values(values_file).get("workloads", {})
+    assert [e for e in container["env"] if e["name"] != "HOME"] == workloads["env"]
+    if values_file == "values-prod.yaml":
+        assert {"RANKRAY_REDIS", "FEAST_FS_YAML_FILE_PATH"} <= {e["name"] for e in container["env"]}
+
+    # The registry (written by every run) and the SQLite store sit in ../data relative to the repo:
+    # that folder must be the mounted volume, not the image's read-only filesystem.
+    repo = next(a for a in container["args"] if a.startswith("--chdir=")).removeprefix("--chdir=")
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["data"] == str(PurePosixPath(repo).parent / "data")
+    for name in ("feature_store.yaml", "feature_store.redis.yaml"):
+        registry = yaml.safe_load((REPO / "feature_repo" / name).read_text())["registry"]
+        assert registry.startswith("../data/"), f"{name}: registry {registry} is not on the data volume"
+
+
+@pytest.mark.parametrize("views", [[], ["member_history", "item_features"]])
+def test_the_feast_cli_accepts_what_the_cronjob_runs(helm: Path, tmp_path: Path, views: list[str]) -> None:
+    """The job runs Feast's own CLI: parse the argv bash builds with feast's click parser (no side
+    effects), so a renamed flag or a malformed END_TS fails here rather than on the cluster."""
+    from feast.cli.cli import cli
+
+    overrides = ["--set", f"featureMaterialization.featureViews={{{','.join(views)}}}"] if views else []
+    cronjob = the_one(template(helm, "-f", CHART / "values-prod.yaml", *overrides), "CronJob")
+    container = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    before = datetime.now(UTC).replace(microsecond=0)
+    argv = argv_the_container_runs(container, tmp_path, program="feast")
+    after = datetime.now(UTC)
+
+    command = cli.commands["materialize-incremental"]
+    at = argv.index("materialize-incremental")
+    group = cli.make_context("feast", argv[: at + 1])  # feast's global options; raises on an unknown one
+    params = command.make_context(command.name, argv[at + 1 :], parent=group).params
+    assert params["views"] == tuple(views)  # none: every registered view
+    end = datetime.fromisoformat(params["end_ts"]).replace(tzinfo=UTC)  # feast reads a naive END_TS as UTC
+    assert before <= end <= after  # incremental up to the moment the pod starts
+
+    # --chdir names the repo the Dockerfile copies, and the working directory stays the image's WORKDIR,
+    # against which values-prod.yaml's relative FEAST_FS_YAML_FILE_PATH resolves.
+    dockerfile = (REPO / "Dockerfile").read_text()
+    workdir = re.findall(r"^WORKDIR (\S+)", dockerfile, re.MULTILINE)[-1]
+    assert "COPY feature_repo ./feature_repo" in dockerfile
+    assert group.params["chdir"] == f"{workdir}/feature_repo"
+    assert "workingDir" not in container
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "schedule=",
+        "schedule=every 30 minutes",
+        "schedule=*/30 * * *",
+        "schedule=CRON_TZ=UTC */30 * * * *",  # Kubernetes has spec.timeZone for that
+        "featureViews=member_history",
+        "featureViews={member_history,7}",
+    ],
+)
+def test_a_bad_materialization_setting_is_refused(helm: Path, setting: str) -> None:
+    values = ["--set", "featureMaterialization.enabled=true", "--set", f"featureMaterialization.{setting}"]
+    result = run_tool(helm, "template", "rankray", CHART, *values)
+    assert result.returncode != 0
+    assert f"featureMaterialization.{setting.partition('=')[0]} must be" in result.stderr
+
+
+@pytest.mark.parametrize("schedule", ["@hourly", "0 3 * * MON-FRI", "*/15 * * * *"])
+def test_a_good_schedule_renders(helm: Path, schedule: str) -> None:
+    manifests = template(
+        helm,
+        "--set",
+        "featureMaterialization.enabled=true",
+        "--set-string",
+        f"featureMaterialization.schedule={schedule}",
+    )
+    cronjob = the_one(manifests, "CronJob")
+    assert cronjob["spec"]["schedule"] == schedule
+    validate_manifest(cronjob)
 
 
 def test_crd_is_rendered_and_valid(rendered: dict[str, list[Manifest]]) -> None:

@@ -31,6 +31,18 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: rankray
 {{- end }}
 
+{{/* CronJob names may be 52 characters (its Jobs add an 11-character suffix). */}}
+{{- define "rankray.materializeName" -}}
+{{- include "rankray.fullname" . | trunc 40 | trimSuffix "-" }}-materialize
+{{- end }}
+
+{{/* The scheduled materialization's labels: the chart's under its own component, so the operator's
+selector, PodDisruptionBudget and anti-affinity never count its pods. */}}
+{{- define "rankray.materializeLabels" -}}
+{{- $labels := include "rankray.labels" . | fromYaml }}
+{{- toYaml (set $labels "app.kubernetes.io/component" "feature-materialization") }}
+{{- end }}
+
 {{- define "rankray.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "rankray.fullname" .) .Values.serviceAccount.name }}
