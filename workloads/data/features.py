@@ -4,7 +4,8 @@
 feature_repo/feature_definitions.py declares as sources: profiles, items, last-N member histories as
 arrays (Feast has no last-N aggregation, so a batch job builds them) and daily counter snapshots
 (workloads.data.counters). `apply` and `materialize` drive Feast's Python API exactly as the feast CLI
-would; `OnlineFeatures` is what serving reads, one online call per feature view per request batch.
+would; `OnlineFeatures` is what serving reads, one online call per feature view per request batch
+(for counters, only the views holding the counters the served model reads).
 
 The feature store config is the repo's feature_store.yaml, or whatever FEAST_FS_YAML_FILE_PATH names
 (Feast's own switch, honoured by the CLI and the Python API alike), e.g. feature_store.redis.yaml.
@@ -29,7 +30,15 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from workloads.data.atomic import MANIFEST, atomic_dir
-from workloads.data.counters import COUNTER_GROUPS, DAY_US, counter_snapshots, empty_counters, to_epoch_us
+from workloads.data.counters import (
+    COUNTER_GROUPS,
+    DAY_US,
+    Counter,
+    CounterGroup,
+    counter_snapshots,
+    empty_counters,
+    to_epoch_us,
+)
 from workloads.data.schema import (
     ACTION_COLUMNS,
     CONTENT_DIM,
@@ -370,6 +379,19 @@ def _int64_us(values: list[Any]) -> np.ndarray:
     return np.array([-1 if v is None else int(v.timestamp()) * 1_000_000 + v.microsecond for v in values])
 
 
+def counter_reads(counters: Sequence[str]) -> list[tuple[CounterGroup, tuple[Counter, ...]]]:
+    """The counter views holding ``counters``, each with the ones of its counters asked for; views with
+    none asked for are left out, so no counters means no views. Unknown or repeated names are refused."""
+    if isinstance(counters, str):
+        raise TypeError(f"counters: a sequence of counter names, not the one string {counters!r}")
+    names = list(counters)
+    unknown = [c for c in names if c not in COUNTER_FEATURES]
+    if unknown or len(set(names)) != len(names):
+        raise ValueError(f"counters: {names} must be distinct names of {COUNTER_FEATURES}")
+    reads = [(g, tuple(c for c in g.counters if c.name in names)) for g in COUNTER_GROUPS]
+    return [(group, wanted) for group, wanted in reads if wanted]
+
+
 class OnlineFeatures:
     """Batched online reads for serving: one Feast call per feature view per request batch.
 
@@ -383,12 +405,20 @@ class OnlineFeatures:
 
     def never_materialized(self, counters: Sequence[str]) -> list[str]:
         """The counter views holding ``counters`` that were never loaded into the online store: a model
-        reading them would score every candidate as if nobody had ever engaged with anything."""
-        views = {g.view for g in COUNTER_GROUPS if any(c.name in counters for c in g.counters)}
-        return sorted(v.name for v in self.store.list_feature_views() if v.name in views and not v.materialization_intervals)
+        reading them would score every candidate as if nobody had ever engaged with anything. Views
+        holding none of ``counters`` are not read (see `counters`), so they are not looked at."""
+        views = {group.view for group, _ in counter_reads(counters)}
+        return sorted(
+            v.name
+            for v in self.store.list_feature_views()
+            if v.name in views and not v.materialization_intervals
+        )
 
-    def _read(self, view: str, entity_rows: dict[str, Sequence[Any]]) -> dict[str, list[Any]]:
-        refs = [f"{view}:{name}" for name in self._fields[view]]
+    def _read(
+        self, view: str, entity_rows: dict[str, Sequence[Any]], fields: Sequence[str] | None = None
+    ) -> dict[str, list[Any]]:
+        """``fields`` of ``view`` (default: all of them) for the entity rows, as Feast's to_dict()."""
+        refs = [f"{view}:{name}" for name in (self._fields[view] if fields is None else fields)]
         return self.store.get_online_features(features=refs, entity_rows=entity_rows).to_dict()
 
     def member_profile(self, member_ids: Sequence[int]) -> dict[str, list[Any]]:
@@ -423,23 +453,35 @@ class OnlineFeatures:
             out[name] = raw[name]
         return out
 
-    def counters(self, queries: pd.DataFrame) -> pd.DataFrame:
-        """`counters_at` values for (member_id, item_id, actor_id, topic) rows, as of the last snapshot."""
+    def counters(self, queries: pd.DataFrame, counters: Sequence[str]) -> pd.DataFrame:
+        """`counters_at` values of ``counters`` for (member_id, item_id, actor_id, topic) rows, as of the
+        last snapshot: one online read per view holding some of them, of those features only.
 
-        missing = [c for c in ("member_id", "item_id", "actor_id", "topic") if c not in queries.columns]
+        The frame has exactly the ``counters`` columns, in that order (none: no read at all). Only the
+        keys of the views read must be in ``queries``.
+        """
+        reads = counter_reads(counters)
+        needed = [
+            k for k in ("member_id", "item_id", "actor_id", "topic") if any(k in g.keys for g, _ in reads)
+        ]
+        missing = [k for k in needed if k not in queries.columns]
         if missing:
             raise ValueError(f"queries is missing column(s) {missing}")
         empty = empty_counters()
         columns: dict[str, np.ndarray] = {}
-        for group in COUNTER_GROUPS:
+        for group, wanted in reads:
             keys = queries[list(group.keys)].drop_duplicates()
-            raw = self._read(group.view, {k: keys[k].astype("int64").tolist() for k in group.keys})
+            raw = self._read(
+                group.view,
+                {k: keys[k].astype("int64").tolist() for k in group.keys},
+                [c.name for c in wanted],
+            )
             table = keys.assign(
-                **{c.name: [empty[c.name] if v is None else v for v in raw[c.name]] for c in group.counters}
+                **{c.name: [empty[c.name] if v is None else v for v in raw[c.name]] for c in wanted}
             )
             joined = queries[list(group.keys)].merge(table, on=list(group.keys), how="left")
-            columns.update({c.name: joined[c.name].to_numpy(dtype=np.float32) for c in group.counters})
-        return pd.DataFrame(columns, index=queries.index)[COUNTER_FEATURES]
+            columns.update({c.name: joined[c.name].to_numpy(dtype=np.float32) for c in wanted})
+        return pd.DataFrame(columns, index=queries.index)[list(counters)]
 
 
 # --- `python -m workloads.data.features`: build, apply, materialize ------------------------------------

@@ -2,7 +2,8 @@
 
 Requests that arrive together are read together (``@serve.batch``): one online read per feature view
 for the whole batch (member history, member profile, the union of candidate and history items, and the
-counters when the model reads them), the batched `OnlineFeatures` API of ``workloads.data.features``.
+counter views holding the counters the model reads, those features only: `model_counters`), the batched
+`OnlineFeatures` API of ``workloads.data.features``.
 The online store is whatever the repo's feature_store.yaml says (SQLite by default; Redis when
 ``FEAST_FS_YAML_FILE_PATH`` names feature_store.redis.yaml in the application's runtime_env).
 
@@ -40,6 +41,14 @@ _UNKNOWN_LISTED = 10  # unknown item ids named in the error message
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+def model_counters(model: Any) -> list[str]:
+    """The counters a ranking model config reads, what serving must fetch for it: DCNv2 all of
+    ``COUNTER_FEATURES``, LiGR and HSTU their ``candidate_counters`` (none by default)."""
+    if model.kind == "dcnv2":
+        return list(COUNTER_FEATURES)
+    return list(getattr(model, "candidate_counters", ()))
+
+
 @dataclass
 class FetchRequest:
     member_id: int
@@ -56,7 +65,7 @@ class RequestFeatures:
     member_known: bool  # the member has a profile row
     history: dict[str, np.ndarray]  # HISTORY_COLUMNS, the last max_history events in time order
     hist_content: np.ndarray  # (H, E) float32
-    candidates: dict[str, np.ndarray]  # cand_item_id, cand_actor_id, ..., cand_<counter>
+    candidates: dict[str, np.ndarray]  # cand_item_id, cand_actor_id, ..., cand_<counter> (those read)
     cand_content: np.ndarray  # (S, E) float32
     read_ms: float  # the batch's store reads
 
@@ -76,17 +85,18 @@ class FeatureReader:
         timeout_s: float = 1.0,
         attempts: int = 3,
     ) -> None:
-        """``counters``: the ones the model reads (DCNv2: all; LiGR: its ``candidate_counters``)."""
+        """``counters``: the ones the model reads (`model_counters`): only their views are read, and
+        those must have been materialized."""
         self.online = OnlineFeatures(Path(feature_repo))
-        empty = self.online.never_materialized(counters)
+        empty = self.online.never_materialized(counters)  # also refuses unknown names
+        self.counters = tuple(counters)
         if empty:
             raise RuntimeError(
-                f"the model reads counters {sorted(counters)} but feature view(s) {empty} were never "
+                f"the model reads counters {sorted(self.counters)} but feature view(s) {empty} were never "
                 f"materialized into the online store of {feature_repo}: run `rankray features materialize` "
                 "(all views, or --service with a feature service that holds them, e.g. ligr_v2)"
             )
         self.max_history = max_history
-        self.with_counters = bool(counters)
         self.timeout_s, self.attempts = timeout_s, attempts
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="feast-read")
 
@@ -148,7 +158,7 @@ class FeatureReader:
                     read_ms=0.0,
                 )
             )
-        if self.with_counters:
+        if self.counters:
             self._add_counters([f for f in out if isinstance(f, RequestFeatures)])
         read_ms = (time.perf_counter() - began) * 1e3
         for features in out:
@@ -200,7 +210,7 @@ class FeatureReader:
         return columns, content
 
     def _add_counters(self, batch: list[RequestFeatures]) -> None:
-        """The hand-crafted counters (the DCNv2 baseline reads them), one online read per counter group."""
+        """The hand-crafted counters the model reads, one online read per view that holds some of them."""
         if not batch:
             return
         queries = pd.DataFrame(
@@ -213,12 +223,13 @@ class FeatureReader:
                 "topic": np.concatenate([f.candidates["cand_topic"] for f in batch]),
             }
         )
-        counters = self.online.counters(queries).to_numpy(dtype=np.float32)
+        counters = self.online.counters(queries, self.counters)
+        values = {name: counters[name].to_numpy(dtype=np.float32) for name in self.counters}
         start = 0
         for features in batch:
             n = len(features.candidates["cand_item_id"])
-            for j, name in enumerate(COUNTER_FEATURES):
-                features.candidates[f"cand_{name}"] = counters[start : start + n, j]
+            for name in self.counters:
+                features.candidates[f"cand_{name}"] = values[name][start : start + n]
             start += n
 
 

@@ -28,9 +28,9 @@ from pydantic import (
 )
 from ray.serve import Application, Deployment
 
-from workloads.data.schema import COUNTER_FEATURES, TASKS
+from workloads.data.schema import TASKS
 from workloads.models.registry import parse_model_config
-from workloads.serve.features import FeatureFetcher
+from workloads.serve.features import FeatureFetcher, model_counters
 from workloads.serve.ingress import RankIngress
 from workloads.serve.schemas import DEFAULT_CANDIDATES_LIMIT, Surface
 from workloads.serve.scorer import PointwiseScorer
@@ -154,10 +154,7 @@ def build_app(args: GraphArgs) -> Application:
     scorer = setwise = brew = None
     if args.model_kind == "ligr":
         model = ranking_model_config(args.artifact_uri)
-        # DCNv2 reads every counter; LiGR only the ones named in candidate_counters (none by default)
-        counters = (
-            COUNTER_FEATURES if model.kind == "dcnv2" else list(getattr(model, "candidate_counters", ()))
-        )
+        counters = model_counters(model)  # the fetcher reads only these (DCNv2: all; LiGR: its own)
         max_history = model.max_history
         scorer = _deployment(PointwiseScorer).bind(
             args.artifact_uri,

@@ -29,7 +29,7 @@ from workloads.models.batch import ItemContentTable, RankingBatch, SemanticIdTab
 from workloads.models.ligr import GenerativeRanker
 from workloads.serve.batching import configure_batching
 from workloads.serve.errors import ServeError
-from workloads.serve.features import HISTORY_COLUMNS, RequestFeatures
+from workloads.serve.features import HISTORY_COLUMNS, RequestFeatures, model_counters
 from workloads.serve.ranking import pointwise_order, task_weight_vector
 from workloads.train.artifact import LoadedArtifact, load_artifact
 
@@ -88,6 +88,7 @@ class PointwiseModel:
         self.weights = task_weight_vector(task_weights)
         self.setwise_top_k = setwise_top_k if has_setwise(self.model) else 0
         self.content_dim = int(self.cfg.content_dim)
+        self.counters = model_counters(self.cfg)  # what the fetcher must have read
         self.version = f"v{self.artifact.version}"
         self.semantic_ids = None
         if getattr(self.cfg, "use_semantic_ids", False):
@@ -112,6 +113,9 @@ class PointwiseModel:
             for name in HISTORY_COLUMNS:
                 rows.setdefault(name, []).append(features.history[name])
             n = len(features.candidates["cand_item_id"])
+            unread = [c for c in self.counters if f"cand_{c}" not in features.candidates]
+            if unread:  # zeros would look like a real value: a fetcher deployed for another model
+                raise RuntimeError(f"the model reads counters {unread} that the feature fetcher did not read")
             for name in (
                 "cand_item_id",
                 "cand_actor_id",
@@ -120,9 +124,7 @@ class PointwiseModel:
                 "cand_position",
             ):
                 rows.setdefault(name, []).append(features.candidates[name][start:end])
-            for (
-                counter
-            ) in COUNTER_FEATURES:  # zeros unless the model reads counters (then the fetcher set them)
+            for counter in COUNTER_FEATURES:  # zeros for the ones the model does not read
                 values = features.candidates.get(f"cand_{counter}", np.zeros(n, dtype=np.float32))
                 rows.setdefault(f"cand_{counter}", []).append(values[start:end])
         no_content = ItemContentTable.zeros(0, self.content_dim)  # content comes from the store, below

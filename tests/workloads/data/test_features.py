@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -30,6 +31,7 @@ from workloads.data.features import (
     age_buckets,
     apply,
     build_feature_tables,
+    counter_reads,
     materialize,
     offline_session,
 )
@@ -181,7 +183,7 @@ def candidate_queries(impressions: pd.DataFrame, n: int) -> pd.DataFrame:
 
 def test_online_counters_equal_counters_at_the_worlds_end(feast_world: FeastWorld) -> None:
     queries = candidate_queries(feast_world.impressions, 300)
-    got = feast_world.online.counters(queries)
+    got = feast_world.online.counters(queries, COUNTER_FEATURES)
     expected = counters_at(feast_world.impressions, queries.assign(ts=feast_world.end_us))
     pd.testing.assert_frame_equal(got, expected)
     assert got.iloc[-1].to_dict() == pytest.approx(empty_counters())
@@ -249,7 +251,66 @@ def test_bad_world_input_names_what_is_wrong(tmp_path: Path, tiny_world: Path) -
 
 def test_online_counters_reject_missing_columns(feast_world: FeastWorld) -> None:
     with pytest.raises(ValueError, match=r"missing column\(s\) \['topic'\]"):
-        feast_world.online.counters(pd.DataFrame({"member_id": [1], "item_id": [1], "actor_id": [1]}))
+        feast_world.online.counters(
+            pd.DataFrame({"member_id": [1], "item_id": [1], "actor_id": [1]}), COUNTER_FEATURES
+        )
+    # only the keys of the views read are needed: item_ctr_7d is keyed by item alone
+    got = feast_world.online.counters(pd.DataFrame({"item_id": [10**9]}), ["item_ctr_7d"])
+    assert got["item_ctr_7d"].tolist() == pytest.approx([empty_counters()["item_ctr_7d"]])
+    for bad in (["item_ctr_7d", "nope"], ["item_ctr_7d", "item_ctr_7d"]):
+        with pytest.raises(ValueError, match=r"must be distinct names of"):
+            feast_world.online.counters(pd.DataFrame({"item_id": [1]}), bad)
+    with pytest.raises(TypeError, match=r"not the one string 'item_ctr_7d'"):
+        feast_world.online.counters(pd.DataFrame({"item_id": [1]}), "item_ctr_7d")
+
+
+@contextlib.contextmanager
+def online_reads(online: OnlineFeatures) -> Iterator[list[list[str]]]:
+    """The feature refs of each ``get_online_features`` call the real store gets meanwhile."""
+    calls: list[list[str]] = []
+    read = online.store.get_online_features
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        calls.append(list(kwargs["features"]))
+        return read(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(online.store, "get_online_features", spy)
+        yield calls
+
+
+def test_online_counters_read_only_the_views_and_features_asked_for(feast_world: FeastWorld) -> None:
+    """Each counter view costs the online store a round trip per batch: ligr_v2's two counters are two
+    reads of one feature each, a model without counters reads none, DCNv2 reads all 11 of 5 views."""
+    queries = candidate_queries(feast_world.impressions, 200)
+    expected = counters_at(feast_world.impressions, queries.assign(ts=feast_world.end_us))
+    ligr_v2 = ["item_ctr_7d", "ma_eng_30d"]
+    with online_reads(feast_world.online) as calls:
+        got = feast_world.online.counters(queries, ligr_v2)
+    assert calls == [["member_actor_counters:ma_eng_30d"], ["item_counters:item_ctr_7d"]]
+    assert list(got.columns) == ligr_v2  # the model's columns, in its order, and no others
+    pd.testing.assert_frame_equal(got, expected[ligr_v2])
+
+    with online_reads(feast_world.online) as calls:
+        got = feast_world.online.counters(queries, [])
+    assert calls == [] and got.shape == (len(queries), 0) and got.index.equals(queries.index)
+
+    with online_reads(feast_world.online) as calls:
+        got = feast_world.online.counters(queries, COUNTER_FEATURES)
+    assert [sorted({ref.split(":")[0] for ref in refs}) for refs in calls] == [
+        [g.view] for g in COUNTER_GROUPS
+    ]
+    assert [ref.split(":")[1] for refs in calls for ref in refs] == COUNTER_FEATURES
+    pd.testing.assert_frame_equal(got, expected)
+
+
+def test_counter_reads_group_the_asked_counters_by_view() -> None:
+    assert counter_reads([]) == []
+    reads = counter_reads(["member_eng_rate_30d", "ma_imp_7d", "ma_eng_30d"])
+    assert [(g.view, [c.name for c in wanted]) for g, wanted in reads] == [
+        ("member_actor_counters", ["ma_imp_7d", "ma_eng_30d"]),
+        ("member_counters", ["member_eng_rate_30d"]),
+    ]
 
 
 def assert_same_histories(got: OnlineFeatures, want: OnlineFeatures, members: list[int]) -> None:
@@ -289,7 +350,8 @@ def test_feast_cli_applies_and_materializes_the_repo(feast_world: FeastWorld, tm
         menv.setenv("RANKRAY_DATA_DIR", env["RANKRAY_DATA_DIR"])
         queries = candidate_queries(feast_world.impressions, 50)
         pd.testing.assert_frame_equal(
-            OnlineFeatures(repo).counters(queries), feast_world.online.counters(queries)
+            OnlineFeatures(repo).counters(queries, COUNTER_FEATURES),
+            feast_world.online.counters(queries, COUNTER_FEATURES),
         )
 
 
@@ -332,7 +394,9 @@ def test_redis_online_store_serves_the_same_values(
         assert materialize(repo)["online_store"] == "redis"
         online = OnlineFeatures(repo)
         queries = candidate_queries(feast_world.impressions, 100)
-        pd.testing.assert_frame_equal(online.counters(queries), feast_world.online.counters(queries))
+        pd.testing.assert_frame_equal(
+            online.counters(queries, COUNTER_FEATURES), feast_world.online.counters(queries, COUNTER_FEATURES)
+        )
         members = feast_world.impressions["member_id"].unique()[:5].tolist()
         assert_same_histories(online, feast_world.online, members)
         items = [0, 1, 2]
@@ -364,4 +428,13 @@ def test_materializing_one_feature_service_loads_only_its_views(
         ]
         queries = candidate_queries(feast_world.impressions, 100)
         read = ["ma_eng_30d", "item_ctr_7d"]
-        pd.testing.assert_frame_equal(online.counters(queries)[read], feast_world.online.counters(queries)[read])
+        pd.testing.assert_frame_equal(
+            online.counters(queries, read), feast_world.online.counters(queries, read)
+        )
+        # the start-up check looks at the views a model reads, and at nothing else
+        assert online.never_materialized(read) == [] and online.never_materialized([]) == []
+        assert online.never_materialized(COUNTER_FEATURES) == [
+            "actor_counters",
+            "member_counters",
+            "member_topic_counters",
+        ]

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -19,10 +20,12 @@ import pytest
 
 from tests.workloads.serve.conftest import HISTORY_LEN, ServeWorld
 from tests.workloads.serve.offline import member_history
+from workloads.data.counters import COUNTER_GROUPS, counters_at
 from workloads.data.features import age_buckets
-from workloads.data.schema import CONTENT_DIM
+from workloads.data.schema import CONTENT_DIM, COUNTER_FEATURES
+from workloads.models.config import DCNv2Config, HSTUConfig, LiGRConfig
 from workloads.serve.errors import ServeError
-from workloads.serve.features import FeatureReader, FetchRequest, RequestFeatures
+from workloads.serve.features import FeatureReader, FetchRequest, RequestFeatures, model_counters
 from workloads.serve.schemas import InlineItem
 
 UNKNOWN_MEMBER = 10**9
@@ -154,3 +157,68 @@ def test_counters_whose_views_were_never_materialized_refuse_to_start(serve_worl
     ):
         FeatureReader(serve_world.repo, HISTORY_LEN, ["ma_eng_30d", "member_eng_rate_30d"])
     FeatureReader(serve_world.repo, HISTORY_LEN, ["ma_eng_30d", "item_ctr_7d"])  # ligr_v2's: materialized
+    # DCNv2 reads every counter view: the check names the three empty ones, not the two loaded ones
+    with pytest.raises(
+        RuntimeError,
+        match=r"view\(s\) \['actor_counters', 'member_counters', 'member_topic_counters'\] were never",
+    ):
+        FeatureReader(serve_world.repo, HISTORY_LEN, model_counters(DCNv2Config()))
+    with pytest.raises(TypeError, match="not the one string"):  # a name is not a list of one-letter names
+        FeatureReader(serve_world.repo, HISTORY_LEN, "ma_eng_30d")
+
+
+def test_model_counters_are_the_counters_each_model_reads() -> None:
+    assert model_counters(DCNv2Config()) == COUNTER_FEATURES
+    assert model_counters(LiGRConfig(candidate_counters=("item_ctr_7d", "ma_eng_30d"))) == [
+        "item_ctr_7d",
+        "ma_eng_30d",
+    ]
+    assert model_counters(HSTUConfig(candidate_counters=("mt_eng_7d",))) == ["mt_eng_7d"]
+    assert model_counters(LiGRConfig()) == []
+
+
+@contextmanager
+def counter_refs_read(features: FeatureReader) -> Iterator[list[str]]:
+    """The counter feature refs the reader asks the real online store for meanwhile."""
+    views = {g.view for g in COUNTER_GROUPS}
+    refs: list[str] = []
+    read = features.online.store.get_online_features
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        refs.extend(ref for ref in kwargs["features"] if ref.split(":")[0] in views)
+        return read(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(features.online.store, "get_online_features", spy)
+        yield refs
+
+
+def counter_columns(features: RequestFeatures) -> set[str]:
+    return {name for name in features.candidates if name.removeprefix("cand_") in COUNTER_FEATURES}
+
+
+def test_the_fetcher_reads_only_the_counters_its_model_reads(serve_world: ServeWorld) -> None:
+    """ligr_v2's LiGR reads two features of two views, not the 11 counters of all 5 counter views (3 of
+    them never materialized here); a model without counters reads no counter view at all."""
+    histories = members_with_history(serve_world)
+    member = int(histories.loc[histories["history_len"].idxmax(), "member_id"])
+    candidates = list(range(100, 140))
+    ligr_v2 = FeatureReader(serve_world.repo, HISTORY_LEN, ["item_ctr_7d", "ma_eng_30d"])
+    with counter_refs_read(ligr_v2) as refs:
+        got = asyncio.run(ligr_v2.read([request(serve_world, member, candidates)]))[0]
+    assert sorted(refs) == ["item_counters:item_ctr_7d", "member_actor_counters:ma_eng_30d"]
+    assert isinstance(got, RequestFeatures)
+    assert counter_columns(got) == {"cand_item_ctr_7d", "cand_ma_eng_30d"}
+    items = pd.read_parquet(serve_world.world / "items.parquet").set_index("item_id").loc[candidates]
+    queries = pd.DataFrame(
+        {"member_id": member, "item_id": candidates, "actor_id": items["actor_id"].to_numpy()}
+    ).assign(topic=items["topic"].to_numpy(), ts=int(pd.Timestamp(serve_world.end).value // 1000))
+    expected = counters_at(pd.read_parquet(serve_world.world / "impressions.parquet"), queries)
+    for name in ("item_ctr_7d", "ma_eng_30d"):
+        np.testing.assert_allclose(got.candidates[f"cand_{name}"], expected[name], rtol=1e-6)
+    assert (got.candidates["cand_ma_eng_30d"] > 0).any()  # not a comparison of empty values
+
+    none = reader(serve_world)  # a LiGR without counters
+    with counter_refs_read(none) as refs:
+        got = asyncio.run(none.read([request(serve_world, member, candidates)]))[0]
+    assert refs == [] and isinstance(got, RequestFeatures) and counter_columns(got) == set()

@@ -79,10 +79,16 @@ def test_a_model_that_reads_counters_scores_with_the_counters_of_the_log(
         artifact, serve_world.world, member, candidates, serve_world.end, DEFAULT_TASK_WEIGHTS, TOP_K
     )
     np.testing.assert_allclose(served.logits, expected.pointwise_logits, atol=1e-4)
-    unread = PointwiseModel(artifact, DEFAULT_TASK_WEIGHTS, TOP_K).score(
-        fetch(serve_world, [(member, candidates)])
-    )
-    assert np.abs(unread[0].logits - served.logits).max() > 1e-2, "the counters do not move the scores"
+    # a fetcher that did not read them (deployed for another model) is an error, not zeros
+    scorer = PointwiseModel(artifact, DEFAULT_TASK_WEIGHTS, TOP_K)
+    with pytest.raises(
+        RuntimeError, match=r"reads counters \['ma_eng_30d', 'item_ctr_7d'\] that the feature fetcher did not"
+    ):
+        scorer.score(fetch(serve_world, [(member, candidates)]))
+    for name in counters:
+        fetched[0].candidates[f"cand_{name}"] = np.zeros(len(candidates), dtype=np.float32)
+    zeros = scorer.score(fetched)
+    assert np.abs(zeros[0].logits - served.logits).max() > 1e-2, "the counters do not move the scores"
 
 
 def test_setwise_correction_equals_score_setwise_on_the_pointwise_top_k(serve_world: ServeWorld) -> None:
