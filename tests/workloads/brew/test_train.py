@@ -16,7 +16,15 @@ from workloads.brew.data import Periods
 from workloads.brew.model import load_tokenizer
 from workloads.brew.prompts import Templates
 from workloads.brew.score import ScorerConfig, TransformersScorer
-from workloads.brew.train import IGNORE, BrewTrainConfig, _publish, answer_only_example, collate, train
+from workloads.brew.train import (
+    IGNORE,
+    BrewTrainConfig,
+    _publish,
+    answer_only_example,
+    collate,
+    language_model_loss,
+    train,
+)
 
 
 def test_loss_is_on_the_answer_token_only_predicted_from_the_last_prompt_position(tiny_base: Path) -> None:
@@ -37,6 +45,31 @@ def test_loss_is_on_the_answer_token_only_predicted_from_the_last_prompt_positio
             logits = model(input_ids=torch.tensor([prompt])).logits[0, -1]  # what scoring reads
             manual.append(-torch.log_softmax(logits, -1)[answer])
     torch.testing.assert_close(loss, torch.stack(manual).mean(), rtol=1e-4, atol=1e-4)
+
+
+def test_answer_logits_alone_give_the_models_own_loss_and_gradients(tiny_base: Path) -> None:
+    """Instruction tuning projects only the positions that predict an answer onto the vocabulary."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    rows = [
+        answer_only_example(p, a) for p, a in (([5, 17, 29, 31, 8], 283), ([40, 41, 42], 284), ([7, 9], 283))
+    ]
+    batch = collate({k: np.array([r[k] for r in rows], dtype=object) for k in ("input_ids", "labels")}, 0)
+
+    def loss_and_grads(loss_fn: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    full, full_grads = loss_and_grads(lambda: model(**batch).loss)
+    sparse, sparse_grads = loss_and_grads(lambda: language_model_loss(model, batch))
+    torch.testing.assert_close(sparse, full, rtol=1e-5, atol=1e-6)
+    for a, b in zip(sparse_grads, full_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+    # every position a target (stage 1): the model's own loss, unchanged
+    dense = {**batch, "labels": batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE)}
+    torch.testing.assert_close(language_model_loss(model, dense), model(**dense).loss)
 
 
 @pytest.mark.slow
