@@ -57,12 +57,17 @@ _PROGRESS_BAR = re.compile(r"^(?P<label>[^:]*):.*\[\d+:\d\d(:\d\d)?(<|,)")
 
 
 def default_mounts() -> dict[str, Path]:
-    """The examples' storage on a laptop: their claims live under the data root, the image's /app is here.
+    """The examples' storage on a laptop: their claims live under the data root, the image's /opt/rankray
+    (the Dockerfile's WORKDIR, where the Feast repo is copied) is the current folder.
 
     `rankray data synth` writes <data root>/world, which the examples read as pvc://rankray-data/world.
     """
     root = data_root()
-    return {"pvc://rankray-data": root, "pvc://rankray-artifacts": root / "artifacts", "/app": Path.cwd()}
+    return {
+        "pvc://rankray-data": root,
+        "pvc://rankray-artifacts": root / "artifacts",
+        "/opt/rankray": Path.cwd(),
+    }
 
 
 class ManifestError(ValueError):

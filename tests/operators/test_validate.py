@@ -51,6 +51,16 @@ def test_the_examples_are_valid(path: Path) -> None:
     assert validate_manifest(yaml.safe_load(path.read_text())) == []
 
 
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_the_examples_read_the_feast_repo_where_the_image_has_it(path: Path) -> None:
+    """The Dockerfile copies feature_repo/ into its WORKDIR: that is the only place a pod finds it."""
+    dockerfile = (EXAMPLES.parent / "Dockerfile").read_text().splitlines()
+    workdir = [line.split()[1] for line in dockerfile if line.startswith("WORKDIR ")][-1]
+    assert "COPY feature_repo ./feature_repo" in dockerfile
+    manifest = yaml.safe_load(path.read_text())
+    assert manifest["spec"]["featureRepo"]["path"] == f"{workdir}/feature_repo"
+
+
 def test_the_valid_manifest_has_no_problems(manifest: dict[str, Any]) -> None:
     assert validate_manifest(manifest) == []
 
