@@ -46,7 +46,13 @@ from workloads.brew.prompts import Templates, Verbalizer
 from workloads.brew.score import ScorerConfig, make_scorer
 from workloads.data.atomic import MANIFEST, atomic_dir
 from workloads.data.schema import data_root
-from workloads.eval.metrics import HISTORY_SLICES, auc, history_slice
+from workloads.eval.metrics import (
+    HISTORY_SLICES,
+    auc,
+    auc_within_groups,
+    history_slice,
+    paired_auc_difference,
+)
 from workloads.stage import run_stage
 
 matplotlib.use("Agg")
@@ -74,6 +80,9 @@ class BrewEvalConfig(BaseModel):
     )
     sweep_examples_per_task: int = Field(200, ge=2, description="examples per task in the context sweep")
     scorer: ScorerConfig = ScorerConfig()
+    interval_resamples: int = Field(
+        1000, ge=0, description="member resamples for the 95% intervals of 360Brew vs popularity (0: none)"
+    )
     seed: int = 1
 
 
@@ -131,6 +140,30 @@ def _slices(labels: np.ndarray, brew: np.ndarray, pop: np.ndarray, lengths: np.n
                 "brew_auc": auc(labels[rows], brew[rows]),
                 "popularity_auc": auc(labels[rows], pop[rows]),
             }
+    return out
+
+
+def _member_metrics(
+    labels: np.ndarray, brew: np.ndarray, pop: np.ndarray, examples: list[BrewExample], resamples: int
+) -> dict[str, Any]:
+    """360Brew against popularity with members resampled (95% intervals), over all examples and within
+    members: ``member_auc`` counts only (positive, negative) pairs of the same member, i.e. how well each
+    member's candidates are ranked, which is what a recommender uses the scores for and what a shift of
+    all of one member's scores (e.g. with how much history the prompt holds) leaves alone. The T2 follow
+    examples come as one followed and one other actor per member, so there it is the share of members
+    whose followed actor scores higher."""
+    members = np.array([e.member_id for e in examples])
+    out: dict[str, Any] = {
+        "members_with_both_labels": int(pd.Series(labels).groupby(members).nunique().eq(2).sum()),
+        "member_auc": {
+            "brew": _finite(auc_within_groups(labels, brew, members)),
+            "popularity": _finite(auc_within_groups(labels, pop, members)),
+        },
+    }
+    if resamples:
+        for key, within in (("vs_popularity", False), ("member_auc_vs_popularity", True)):
+            diff = paired_auc_difference(labels, brew, pop, members, resamples, within_groups=within)
+            out[key] = {k: _finite(v) for k, v in diff.items()}
     return out
 
 
@@ -250,6 +283,7 @@ def evaluate(cfg: BrewEvalConfig) -> dict[str, Any]:
                 "brew_auc": _finite(auc(labels, brew)),
                 "popularity_auc": _finite(auc(labels, pop)),
                 "author_in_prompt_auc": _finite(auc(labels, in_prompt)),
+                **_member_metrics(labels, brew, pop, examples[task], cfg.interval_resamples),
                 "mean_history_in_prompt": float(used.mean()),
                 "by_history": {
                     name: {k2: (_finite(v) if isinstance(v, float) else v) for k2, v in s.items()}

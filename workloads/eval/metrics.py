@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 from numpy.typing import ArrayLike
 from sklearn.metrics import roc_auc_score
 
@@ -47,6 +48,31 @@ def auc_standard_error(value: float, positives: int, negatives: int) -> float:
     return math.sqrt(max(variance, 0.0))
 
 
+def auc_within_groups(labels: ArrayLike, scores: ArrayLike, groups: ArrayLike) -> float:
+    """AUC over the (positive, negative) pairs of the same group only, e.g. of the same member: how well
+    the scores rank one member's candidates, blind to anything that shifts all of a member's scores
+    together. Groups with one class have no pairs; NaN when no group has both.
+
+    Per group, the Mann-Whitney count from within-group ranks (ties count half); the result is the
+    total count over the total number of pairs, i.e. groups weigh by their pairs.
+    """
+    frame = pd.DataFrame(
+        {"y": np.asarray(labels, dtype=np.float64).ravel(), "s": np.asarray(scores, dtype=np.float64).ravel()}
+    )
+    frame["g"] = np.asarray(groups).ravel()
+    frame["rank"] = frame.groupby("g")["s"].rank(method="average")
+    per = (
+        frame.assign(pos_rank=frame["rank"] * frame["y"])
+        .groupby("g")
+        .agg(pos=("y", "sum"), n=("y", "size"), pos_rank=("pos_rank", "sum"))
+    )
+    pairs = per["pos"] * (per["n"] - per["pos"])
+    if pairs.sum() == 0:
+        return math.nan
+    wins = per["pos_rank"] - per["pos"] * (per["pos"] + 1) / 2
+    return float(wins[pairs > 0].sum() / pairs.sum())
+
+
 def paired_auc_difference(
     labels: ArrayLike,
     scores: ArrayLike,
@@ -54,17 +80,22 @@ def paired_auc_difference(
     groups: ArrayLike,
     resamples: int = 1000,
     seed: int = 0,
+    within_groups: bool = False,
 ) -> dict[str, float]:
     """AUC(scores) - AUC(reference_scores) on the same candidates, with a 95% interval from resampling
     whole groups (sessions) with replacement: candidates of one session share a member and a moment,
     so they are not independent draws. Both models see the same resamples, which is what makes a
     difference far smaller than either AUC's own standard error measurable. ``p_not_better`` is the
-    share of resamples where the first model does not beat the reference."""
+    share of resamples where the first model does not beat the reference. ``within_groups``: compare
+    `auc_within_groups` instead (a group drawn twice counts as two groups)."""
     y = np.asarray(labels, dtype=np.float64).ravel()
     a = np.asarray(scores, dtype=np.float64).ravel()
     b = np.asarray(reference_scores, dtype=np.float64).ravel()
     g = np.asarray(groups).ravel()
-    difference = auc(y, a) - auc(y, b)
+    if within_groups:
+        difference = auc_within_groups(y, a, g) - auc_within_groups(y, b, g)
+    else:
+        difference = auc(y, a) - auc(y, b)
     if math.isnan(difference):
         return {"difference": math.nan, "ci95_low": math.nan, "ci95_high": math.nan, "p_not_better": math.nan}
     order = np.argsort(g, kind="stable")
@@ -77,8 +108,21 @@ def paired_auc_difference(
         n = lengths[chosen]
         offsets = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
         pick = order[np.repeat(starts[chosen], n) + offsets]
-        draws.append(auc(y[pick], a[pick]) - auc(y[pick], b[pick]))
+        if within_groups:
+            drawn = np.repeat(np.arange(len(chosen)), n)
+            draws.append(
+                auc_within_groups(y[pick], a[pick], drawn) - auc_within_groups(y[pick], b[pick], drawn)
+            )
+        else:
+            draws.append(auc(y[pick], a[pick]) - auc(y[pick], b[pick]))
     finite = np.asarray([d for d in draws if not math.isnan(d)])
+    if not finite.size:  # no resample had both classes (within groups: no group with both)
+        return {
+            "difference": float(difference),
+            "ci95_low": math.nan,
+            "ci95_high": math.nan,
+            "p_not_better": math.nan,
+        }
     low, high = np.percentile(finite, [2.5, 97.5])
     return {
         "difference": float(difference),

@@ -50,6 +50,22 @@ def test_evaluate_reports_tasks_slices_context_sweep_and_zero_shot(
         assert auc(rows["label"], rows["brew"]) == pytest.approx(task["brew_auc"], abs=1e-4)
         assert auc(rows["label"], rows["popularity"]) == pytest.approx(task["popularity_auc"], abs=1e-4)
         assert rows["history_in_prompt"].mean() == pytest.approx(task["mean_history_in_prompt"])
+        assert set(task["vs_popularity"]) == {"difference", "ci95_low", "ci95_high", "p_not_better"}
+        assert task["vs_popularity"]["difference"] == pytest.approx(
+            task["brew_auc"] - task["popularity_auc"], abs=1e-4
+        )
+    # T2 comes as one followed and one other actor per member: the within-member AUC is the share of
+    # members whose followed actor scores higher (ties half)
+    follow = scores[scores["task"] == "follow_actor"].sort_values(["member_id", "label"])
+    pos, neg = follow[follow["label"] == 1], follow[follow["label"] == 0]
+    assert list(pos["member_id"]) == list(neg["member_id"])
+    wins = (pos["brew"].to_numpy() > neg["brew"].to_numpy()) + 0.5 * (
+        pos["brew"].to_numpy() == neg["brew"].to_numpy()
+    )
+    t2 = metrics["tasks"]["follow_actor"]
+    assert t2["members_with_both_labels"] == len(pos)
+    assert t2["member_auc"]["brew"] == pytest.approx(wins.mean(), abs=1e-4)
+    assert set(t2["member_auc_vs_popularity"]) == set(t2["vs_popularity"])
     assert metrics["world_dir"] == str(tiny_world.resolve())
     sweep = metrics["context_sweep"]["feed_like"]
     assert set(sweep) == {"256", "512"}

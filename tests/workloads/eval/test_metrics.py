@@ -10,6 +10,7 @@ import pytest
 from workloads.eval.metrics import (
     auc,
     auc_standard_error,
+    auc_within_groups,
     history_slice,
     hit_rate_at_k,
     log_loss,
@@ -110,3 +111,34 @@ def test_whole_sessions_are_resampled_not_single_candidates() -> None:
         np.repeat(y, 5), np.repeat(a, 5), np.repeat(b, 5), np.repeat(np.arange(600), 5), resamples=100
     )
     assert copies == pytest.approx(single)
+
+
+def test_auc_within_groups_counts_only_pairs_of_the_same_group() -> None:
+    rng = np.random.default_rng(3)
+    groups = np.repeat(np.arange(40), 5)
+    y, s = rng.random(200) < 0.4, rng.normal(size=200)
+    s = s + y
+    wins = pairs = 0.0
+    for g in range(40):  # brute force over (positive, negative) pairs of one group
+        pos, neg = s[(groups == g) & y], s[(groups == g) & ~y]
+        wins += (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+        pairs += len(pos) * len(neg)
+    assert auc_within_groups(y, s, groups) == pytest.approx(wins / pairs)
+    # a shift shared by all of a group's scores changes the AUC over everything, not the one within groups
+    shifted = s + 10 * rng.normal(size=40)[groups]
+    assert auc_within_groups(y, shifted, groups) == pytest.approx(wins / pairs)
+    assert abs(auc(y, shifted) - wins / pairs) > 0.1
+    assert math.isnan(auc_within_groups([1, 0], [0.3, 0.2], [0, 1]))  # no group holds both classes
+
+
+def test_the_within_group_interval_sees_what_the_overall_one_misses() -> None:
+    """A model ranking each member's candidates well, under member-wide offsets, against a weak reference."""
+    rng = np.random.default_rng(4)
+    groups = np.repeat(np.arange(300), 2)
+    y = np.tile([True, False], 300)
+    ranks_well = y + 0.5 * rng.normal(size=600) + 5 * rng.normal(size=300)[groups]
+    weak = y * 0.2 + rng.normal(size=600)
+    within = paired_auc_difference(y, ranks_well, weak, groups, resamples=200, within_groups=True)
+    overall = paired_auc_difference(y, ranks_well, weak, groups, resamples=200)
+    assert within["ci95_low"] > 0.1 and within["p_not_better"] == 0.0
+    assert overall["ci95_low"] < 0 < overall["ci95_high"]
