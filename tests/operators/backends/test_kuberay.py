@@ -317,7 +317,7 @@ def test_the_rayservice_carries_the_serve_config_of_its_version() -> None:
     assert application["route_prefix"] == "/"
     assert application["args"] == {
         "artifact_uri": "/mnt/pvc/rankray-artifacts/models/feed-ligr/v1",
-        "feature_repo": "/app/feature_repo",
+        "feature_repo": "/opt/rankray/feature_repo",
         "model_name": "feed-ligr",
         "model_version": "v1",
         "model_kind": "ligr",
