@@ -605,27 +605,43 @@ def test_materialization_never_overlaps_and_writes_the_store_serving_reads(
         registry = yaml.safe_load((REPO / "feature_repo" / name).read_text())["registry"]
         assert registry.startswith("../data/"), f"{name}: registry {registry} is not on the data volume"
 
+    # applyFirst (on by default): `feast apply` writes the same registry, so it needs everything above.
+    (apply,) = pod["initContainers"]
+    assert apply["name"] == "apply"
+    shared = ("image", "imagePullPolicy", "env", "resources", "securityContext", "volumeMounts")
+    assert {k: apply[k] for k in shared} == {k: container[k] for k in shared}
+
+
+def parse_feast_argv(argv: list[str], subcommand: str) -> tuple[Any, dict[str, Any]]:
+    """Feast's own click parser on `feast <global options> SUBCOMMAND <its options>`: the global options'
+    context and the subcommand's params. Parsing has no side effects; an unknown option raises."""
+    from feast.cli.cli import cli
+
+    at = argv.index(subcommand)
+    group = cli.make_context("feast", argv[: at + 1])
+    command = cli.commands[subcommand]
+    return group, command.make_context(command.name, argv[at + 1 :], parent=group).params
+
+
+def materialization_pod(manifests: list[Manifest]) -> Manifest:
+    return the_one(manifests, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+
 
 @pytest.mark.parametrize("views", [[], ["member_history", "item_features"]])
 def test_the_feast_cli_accepts_what_the_cronjob_runs(helm: Path, tmp_path: Path, views: list[str]) -> None:
     """The job runs Feast's own CLI: parse the argv bash builds with feast's click parser (no side
     effects), so a renamed flag or a malformed END_TS fails here rather than on the cluster."""
-    from feast.cli.cli import cli
-
     overrides = ["--set", f"featureMaterialization.featureViews={{{','.join(views)}}}"] if views else []
-    cronjob = the_one(template(helm, "-f", CHART / "values-prod.yaml", *overrides), "CronJob")
-    container = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    pod = materialization_pod(template(helm, "-f", CHART / "values-prod.yaml", *overrides))
+    (container,) = pod["containers"]
     before = datetime.now(UTC).replace(microsecond=0)
     argv = argv_the_container_runs(container, tmp_path, program="feast")
     after = datetime.now(UTC)
 
-    command = cli.commands["materialize-incremental"]
-    at = argv.index("materialize-incremental")
-    group = cli.make_context("feast", argv[: at + 1])  # feast's global options; raises on an unknown one
-    params = command.make_context(command.name, argv[at + 1 :], parent=group).params
+    group, params = parse_feast_argv(argv, "materialize-incremental")
     assert params["views"] == tuple(views)  # none: every registered view
     end = datetime.fromisoformat(params["end_ts"]).replace(tzinfo=UTC)  # feast reads a naive END_TS as UTC
-    assert before <= end <= after  # incremental up to the moment the pod starts
+    assert before <= end <= after  # incremental up to the moment the container starts
 
     # --chdir names the repo the Dockerfile copies, and the working directory stays the image's WORKDIR,
     # against which values-prod.yaml's relative FEAST_FS_YAML_FILE_PATH resolves.
@@ -634,6 +650,39 @@ def test_the_feast_cli_accepts_what_the_cronjob_runs(helm: Path, tmp_path: Path,
     assert "COPY feature_repo ./feature_repo" in dockerfile
     assert group.params["chdir"] == f"{workdir}/feature_repo"
     assert "workingDir" not in container
+
+    # Before it (an init container: materialize-incremental starts only once apply exited 0), a plain
+    # `feast apply` of the same repo, whatever views are materialized: apply registers the whole repo.
+    (apply,) = pod["initContainers"]
+    assert "workingDir" not in apply
+    apply_argv = argv_the_container_runs(apply, tmp_path, program="feast")
+    apply_group, apply_params = parse_feast_argv(apply_argv, "apply")
+    assert apply_group.params == group.params  # same --chdir, log level, feature_store.yaml
+    assert apply_argv[-1] == "apply"
+    # Registers and validates everything, promotes new versions: apply's defaults, nothing skipped.
+    assert not any(apply_params.values()), apply_params
+
+
+@pytest.mark.parametrize("values_file", MATERIALIZING)
+def test_materialization_applies_the_repo_first_unless_told_not_to(helm: Path, values_file: str) -> None:
+    """featureMaterialization.applyFirst: on by default (and so in staging and prod); off leaves only
+    materialize-incremental, and either way the CronJob passes the strict schema check."""
+    assert "applyFirst" not in load_values(values_file).get("featureMaterialization", {})
+    assert load_values("values.yaml")["featureMaterialization"]["applyFirst"] is True
+
+    on = template(helm, "-f", CHART / values_file)
+    assert [c["name"] for c in materialization_pod(on)["initContainers"]] == ["apply"]
+    assert [c["name"] for c in materialization_pod(on)["containers"]] == ["materialize"]
+
+    off = template(helm, "-f", CHART / values_file, "--set", "featureMaterialization.applyFirst=false")
+    pod = materialization_pod(off)
+    assert "initContainers" not in pod
+    assert [c["name"] for c in pod["containers"]] == ["materialize"]
+    assert all("apply" not in c["args"] for c in pod["containers"])
+    for cronjob in (the_one(on, "CronJob"), the_one(off, "CronJob")):
+        validate_manifest(cronjob)
+    # Nothing else in the release depends on the setting.
+    assert [m for m in on if m["kind"] != "CronJob"] == [m for m in off if m["kind"] != "CronJob"]
 
 
 @pytest.mark.parametrize(
@@ -645,6 +694,7 @@ def test_the_feast_cli_accepts_what_the_cronjob_runs(helm: Path, tmp_path: Path,
         "schedule=CRON_TZ=UTC */30 * * * *",  # Kubernetes has spec.timeZone for that
         "featureViews=member_history",
         "featureViews={member_history,7}",
+        "applyFirst=yes",  # a string, which a template `if` would take as true
     ],
 )
 def test_a_bad_materialization_setting_is_refused(helm: Path, setting: str) -> None:

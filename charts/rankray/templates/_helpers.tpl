@@ -43,6 +43,35 @@ selector, PodDisruptionBudget and anti-affinity never count its pods. */}}
 {{- toYaml (set $labels "app.kubernetes.io/component" "feature-materialization") }}
 {{- end }}
 
+{{/* What the materialization job's containers share (feast apply, feast materialize-incremental): the
+image, the environment, the security context and the mounts; each adds its name, command and args.
+Nothing is written next to the repo on the read-only root filesystem: feast sets sys.dont_write_bytecode
+before importing feature_definitions.py (and the image sets PYTHONDONTWRITEBYTECODE). */}}
+{{- define "rankray.materializeContainer" -}}
+{{- $m := .Values.featureMaterialization -}}
+image: {{ default (include "rankray.workloadImage" .) $m.image }}
+imagePullPolicy: {{ .Values.image.pullPolicy }}
+env:
+  # The root filesystem is read-only; matplotlib, which the feast CLI imports, caches under $HOME.
+  - name: HOME
+    value: /tmp
+  {{- with .Values.workloads.env }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+  {{- with $m.extraEnv }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+resources:
+  {{- toYaml $m.resources | nindent 2 }}
+securityContext:
+  {{- toYaml .Values.operator.securityContext | nindent 2 }}
+volumeMounts:
+  - name: data
+    mountPath: {{ dir $m.repo }}/data
+  - name: tmp
+    mountPath: /tmp
+{{- end }}
+
 {{- define "rankray.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "rankray.fullname" .) .Values.serviceAccount.name }}
