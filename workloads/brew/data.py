@@ -202,6 +202,21 @@ def _sample(
     )
 
 
+def _session_pairs(rng: np.random.Generator, labels: np.ndarray, sessions: np.ndarray, n: int) -> np.ndarray:
+    """Row indices: up to n // 2 positives, each with a random negative shown in the same session."""
+    order = np.lexsort((labels, sessions))  # by session, negatives first
+    sessions, labels = sessions[order], labels[order]
+    starts = np.flatnonzero(np.r_[True, sessions[1:] != sessions[:-1]])
+    sizes = np.diff(np.r_[starts, len(sessions)])
+    negatives = np.add.reduceat(labels == 0, starts)
+    usable = (negatives > 0) & (negatives < sizes)  # sessions holding both labels
+    picked = rng.permutation(np.flatnonzero(usable))[: n // 2]
+    positives = sizes[picked] - negatives[picked]
+    positive = starts[picked] + negatives[picked] + (rng.random(len(picked)) * positives).astype(np.int64)
+    negative = starts[picked] + (rng.random(len(picked)) * negatives[picked]).astype(np.int64)
+    return np.sort(order[np.concatenate([positive, negative])])
+
+
 def impression_examples(
     world: World,
     templates: Templates,
@@ -211,16 +226,29 @@ def impression_examples(
     n: int,
     seed: int,
     positive_fraction: float | None = None,
+    session_pairs: bool = False,
 ) -> list[BrewExample]:
-    """Up to n examples of a T1 task from the impressions of sessions starting in [start, end)."""
+    """Up to n examples of a T1 task from the impressions of sessions starting in [start, end).
+
+    With `session_pairs`, examples come in pairs from one session: a positive and a negative with the
+    same member, time and so the same history, one pair per session. The history then says nothing
+    about the label by itself (how active a member is, how long the prompt is); only how the question
+    item relates to it does. `positive_fraction` is then 0.5 by construction and must be None.
+    """
     task = templates.task(task_name)
     if task.label_action is None:
         raise ValueError(f"task {task_name!r} has no label_action: it is not labelled by impressions")
+    if session_pairs and positive_fraction is not None:
+        raise ValueError("session_pairs makes half the examples positive: positive_fraction must be None")
     imp = world.impressions
     ts = imp["session_start"].to_numpy()
     rows = np.flatnonzero((imp["surface"].to_numpy() == task.surface) & (ts >= start) & (ts < end))
     labels = imp[task.label_action].to_numpy()[rows].astype(np.int64)
-    rows = rows[_sample(np.random.default_rng(seed), labels, n, positive_fraction)]
+    rng = np.random.default_rng(seed)
+    if session_pairs:
+        rows = rows[_session_pairs(rng, labels, imp["session_id"].to_numpy()[rows], n)]
+    else:
+        rows = rows[_sample(rng, labels, n, positive_fraction)]
     out = []
     for row in rows.tolist():
         member, at = int(imp.at[row, "member_id"]), int(imp.at[row, "session_start"])

@@ -113,6 +113,11 @@ class BrewTrainConfig(BaseModel):
     split: TimeSplit = TimeSplit()
     examples_per_task: int = Field(1000, ge=1, description="instruction examples per task (training period)")
     positive_fraction: float | None = Field(0.3, gt=0, lt=1, description="share of positives; None: natural")
+    session_pairs: bool = Field(
+        False,
+        description="each positive with a negative from its own session (same history), so the amount of "
+        "history cannot stand in for the answer; positive_fraction must then be null",
+    )
     pretrain_blocks: int = Field(256, ge=0, description="raw-entity-text blocks for stage 1 (at most)")
     pretrain_block_tokens: int = Field(256, ge=16)
     pretrain: StageConfig = StageConfig(epochs=1, lr=5e-4)
@@ -146,6 +151,8 @@ class BrewTrainConfig(BaseModel):
                 )
         if self.pretrain.epochs + self.finetune.epochs == 0:
             raise ValueError("pretrain.epochs + finetune.epochs must be at least 1")
+        if self.session_pairs and self.positive_fraction is not None:
+            raise ValueError("session_pairs makes half the examples positive: set positive_fraction to null")
         if self.merge_lora and self.finetune_mode != "lora":
             raise ValueError("merge_lora: there is no adapter to merge unless finetune_mode is lora")
         return self
@@ -249,7 +256,7 @@ def instruction_rows(
     for k, task in enumerate(cfg.tasks):
         examples = impression_examples(
             world, templates, task, periods.train_start, periods.eval_start, cfg.examples_per_task,
-            seed=cfg.seed + k, positive_fraction=cfg.positive_fraction,
+            seed=cfg.seed + k, positive_fraction=cfg.positive_fraction, session_pairs=cfg.session_pairs,
         )  # fmt: skip
         for ex in examples:
             prompt = verbalizer.verbalize(

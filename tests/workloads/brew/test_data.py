@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from workloads.brew.data import (
     MAX_HISTORY_EVENTS,
@@ -74,6 +75,34 @@ def test_positive_fraction_oversamples_rare_labels(
     )
     assert np.mean([e.label for e in natural]) < 0.2
     assert abs(np.mean([e.label for e in balanced]) - 0.5) < 0.05
+
+
+def test_session_pairs_share_member_time_and_history_so_only_the_question_differs(
+    world: World, templates: Templates, periods: Periods
+) -> None:
+    pairs = impression_examples(
+        world, templates, "feed_like", periods.train_start, periods.eval_start, 60, 0, session_pairs=True
+    )
+    assert 0 < len(pairs) <= 60 and len(pairs) % 2 == 0
+    imp = world.impressions.set_index(["member_id", "session_start", "item_id"])
+    sessions: dict[tuple[int, int], list[int]] = {}
+    for ex in pairs:
+        sessions.setdefault((ex.member_id, ex.at), []).append(ex.label)
+        row = imp.loc[(ex.member_id, ex.at, ex.question_id)]
+        assert int(np.atleast_1d(row["like"])[0]) == ex.label  # labelled from the log
+    assert all(sorted(labels) == [0, 1] for labels in sessions.values())  # one pair per session
+    by_session: dict[tuple[int, int], list[list[int]]] = {}
+    for ex in pairs:
+        by_session.setdefault((ex.member_id, ex.at), []).append(ex.history_items.tolist())
+    assert all(a == b for a, b in by_session.values())  # the same history on both sides
+    again = impression_examples(
+        world, templates, "feed_like", periods.train_start, periods.eval_start, 60, 0, session_pairs=True
+    )
+    assert [(e.member_id, e.question_id) for e in again] == [(e.member_id, e.question_id) for e in pairs]
+    with pytest.raises(ValueError, match="positive_fraction must be None"):
+        impression_examples(
+            world, templates, "feed_like", periods.train_start, periods.eval_start, 60, 0, 0.4, True
+        )
 
 
 def test_follow_examples_and_popularity_never_see_the_members_own_follow(

@@ -123,6 +123,12 @@ def test_merge_lora_publishes_one_folder_that_scores_like_the_adapter(
     )
 
 
+def test_session_pairs_with_a_positive_fraction_is_refused() -> None:
+    with pytest.raises(ValueError, match="session_pairs"):
+        BrewTrainConfig(session_pairs=True)
+    assert BrewTrainConfig(session_pairs=True, positive_fraction=None).session_pairs
+
+
 def test_merge_lora_without_lora_is_refused() -> None:
     with pytest.raises(ValueError, match="merge_lora"):
         BrewTrainConfig(finetune_mode="full", merge_lora=True)
