@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         task = templates.task("feed_like")
         counts = np.diff(world.member_offsets)
         member = int(np.argmax(counts))  # the busiest member: the longest history
-        items, actions, _ = member_history(world, member, periods.eval_start, task.history_mask)
+        items, actions, _ = member_history(world, member, periods.eval_start, task)
         history = [HistoryEvent(text.item(int(i)), int(a)) for i, a in zip(items, actions, strict=True)]
         pool = impression_examples(
             world, templates, "feed_like", periods.eval_start, periods.eval_end, 10_000, 0

@@ -168,17 +168,25 @@ class BrewExample:
     history_len: int  # interactions before `at` (before the MAX_HISTORY_EVENTS cap)
 
 
-def member_history(world: World, member_id: int, at: int, mask: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """(item ids, action bitmasks, count) of the member's impressions before `at` with any bit of `mask`."""
+def member_history(
+    world: World, member_id: int, at: int, task: TaskTemplate
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """(item ids, action bitmasks, interaction count) of the member's history for `task` before `at`.
+
+    The history is the member's impressions on the task's surface that one of its history groups
+    shows: interactions, and with a `none` group also items shown without any action. The count is of
+    interactions only (how much the member has done, the cold-start slicing variable).
+    """
     lo, hi = world.member_offsets[member_id], world.member_offsets[member_id + 1]
     imp = world.impressions
     ts = imp["timestamp"].to_numpy()[lo:hi]
     cut = lo + int(np.searchsorted(ts, at, side="left"))
     actions = imp["actions"].to_numpy()[lo:cut]
-    keep = (actions & mask) != 0
+    keep = task.in_history(actions) & (imp["surface"].to_numpy()[lo:cut] == task.surface)
     items = imp["item_id"].to_numpy()[lo:cut][keep]
     actions = actions[keep]
-    return items[-MAX_HISTORY_EVENTS:], actions[-MAX_HISTORY_EVENTS:], int(keep.sum())
+    interactions = int(((actions & task.history_mask) != 0).sum())
+    return items[-MAX_HISTORY_EVENTS:], actions[-MAX_HISTORY_EVENTS:], interactions
 
 
 def history_events(text: EntityText, example: BrewExample) -> list[HistoryEvent]:
@@ -252,7 +260,7 @@ def impression_examples(
     out = []
     for row in rows.tolist():
         member, at = int(imp.at[row, "member_id"]), int(imp.at[row, "session_start"])
-        items, actions, count = member_history(world, member, at, task.history_mask)
+        items, actions, count = member_history(world, member, at, task)
         out.append(
             BrewExample(
                 task=task_name,
@@ -288,7 +296,7 @@ def follow_examples(
         no = sorted(set(actors.tolist()) - set(yes))
         if not yes or not no:
             continue
-        items, actions, count = member_history(world, member, at, task.history_mask)
+        items, actions, count = member_history(world, member, at, task)
         for actor, label in ((int(rng.choice(yes)), 1), (int(rng.choice(no)), 0)):
             out.append(BrewExample(task_name, member, actor, label, at, items, actions, count))
     return out[:n]
@@ -334,7 +342,8 @@ def author_in_prompt_scores(
     for k, (ex, shown) in enumerate(zip(examples, used.tolist(), strict=True)):
         task = templates.task(ex.task)
         author = ex.question_id if task.question_entity == "actor" else int(item_actor.at[ex.question_id])
-        visible = ex.history_items[len(ex.history_items) - shown :] if shown else ex.history_items[:0]
+        history = ex.history_items[task.history_indices(ex.history_actions.tolist())]
+        visible = history[len(history) - shown :] if shown else history[:0]
         scores[k] = int((item_actor.loc[visible].to_numpy() == author).sum())
     return scores
 

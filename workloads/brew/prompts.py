@@ -14,18 +14,21 @@ member, and the budget is exact: ``len(prefix) + len(suffix) <= max_context_toke
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from transformers import PreTrainedTokenizerBase
 
 from workloads.data.schema import ACTION_COLUMNS, Action
 
 DEFAULT_TEMPLATES = Path(__file__).with_name("templates.yaml")
+NO_ACTION = "none"  # a history group of items shown to the member who did nothing with them
 EntityKind = Literal["member", "job", "post", "actor"]
 
 
@@ -40,16 +43,29 @@ def _check_action(name: str) -> str:
 
 
 class HistoryGroup(_Strict):
-    """One line of the history section: the events carrying `action`, announced by `text`."""
+    """One line of the history section: the events carrying `action`, announced by `text`.
+
+    `action: none` gathers the items the member was shown and did not act on (Table 1's "did not
+    interact"); they outnumber interactions many times over, so `max_items` keeps only the group's
+    most recent ones and leaves the budget to the interactions.
+    """
 
     action: str
     text: str
+    max_items: int | None = Field(None, ge=1, description="keep only this group's most recent events")
 
-    _valid_action = field_validator("action")(_check_action)
+    @field_validator("action")
+    @classmethod
+    def _valid_action(cls, name: str) -> str:
+        return name if name == NO_ACTION else _check_action(name)
 
     @property
     def bit(self) -> int:
-        return 1 << Action[self.action.upper()]
+        """The action's bit in an impression's bitmask (0 for the no-action group)."""
+        return 0 if self.action == NO_ACTION else 1 << Action[self.action.upper()]
+
+    def matches(self, actions: int) -> bool:
+        return actions == 0 if self.action == NO_ACTION else bool(actions & self.bit)
 
 
 class TaskTemplate(_Strict):
@@ -78,11 +94,41 @@ class TaskTemplate(_Strict):
 
     @property
     def history_mask(self) -> int:
-        """Action bits of the events that belong in this task's history."""
+        """Action bits of the interactions that belong in this task's history."""
         mask = 0
         for group in self.history_groups:
             mask |= group.bit
         return mask
+
+    @property
+    def shows_unacted(self) -> bool:
+        """Whether items shown without any action belong in the history (a `none` group)."""
+        return any(g.action == NO_ACTION for g in self.history_groups)
+
+    def in_history(self, actions: np.ndarray) -> np.ndarray:
+        """Which impressions of this task's surface (action bitmasks) belong in its history."""
+        keep = (actions & self.history_mask) != 0
+        return keep | (actions == 0) if self.shows_unacted else keep
+
+    def history_indices(self, actions: Sequence[int]) -> list[int]:
+        """Positions of the events (action bitmasks, oldest first) that this task's history shows.
+
+        Each group is cut to its `max_items` newest; an event is kept while any group it belongs to
+        has room, so capping one group never drops an interaction that an uncapped group shows.
+        """
+        seen: Counter[int] = Counter()
+
+        def has_room(group: int) -> bool:
+            cap = self.history_groups[group].max_items
+            return cap is None or seen[group] < cap
+
+        kept = []
+        for position in range(len(actions) - 1, -1, -1):
+            groups = [k for k, g in enumerate(self.history_groups) if g.matches(int(actions[position]))]
+            if any(has_room(k) for k in groups):
+                kept.append(position)
+            seen.update(groups)
+        return kept[::-1]
 
 
 class AnswerSlot(_Strict):
@@ -152,8 +198,8 @@ class PromptSet:
     prefix: str
     suffixes: list[str]
     token_ids: list[list[int]]  # prefix ids + suffix ids, one list per question
-    history_used: int  # interactions kept (the most recent ones)
-    history_available: int  # interactions the member had before truncation
+    history_used: int  # history events kept (the most recent ones)
+    history_available: int  # history events the groups show before truncation to the budget
 
     @property
     def prompts(self) -> list[str]:
@@ -184,7 +230,7 @@ class Verbalizer:
         parts.append(f"{s.profile}\n{profile}")
         lines = [task.history_header]
         for group in task.history_groups:
-            items = [e.text for e in history if e.actions & group.bit]
+            items = [e.text for e in history if group.matches(e.actions)]
             if items:
                 lines.append(group.text)
                 lines.extend(items)
@@ -204,7 +250,7 @@ class Verbalizer:
         if not questions:
             raise ValueError("questions must hold at least one item to ask about")
         task = self.templates.task(task_name)
-        relevant = [e for e in history if e.actions & task.history_mask]
+        relevant = [history[k] for k in task.history_indices([e.actions for e in history])]
         suffixes = [self.suffix(task, q) for q in questions]
         suffix_ids = self._ids(suffixes)
         room = self.max_context_tokens - max(len(ids) for ids in suffix_ids)

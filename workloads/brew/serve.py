@@ -26,7 +26,7 @@ from ray import serve
 from workloads.brew.artifact import load_artifact
 from workloads.brew.data import EntityText, load_world, member_history
 from workloads.brew.model import load_tokenizer
-from workloads.brew.prompts import HistoryEvent, Verbalizer
+from workloads.brew.prompts import HistoryEvent, TaskTemplate, Verbalizer
 from workloads.brew.score import ScorerConfig, TransformersScorer, VLLMEngine
 
 MAX_CANDIDATES = 1000
@@ -36,7 +36,9 @@ class HistoryItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     item_id: int
-    actions: int = Field(ge=0, lt=1 << 16, description="Action bitmask (workloads.data.schema.Action)")
+    actions: int = Field(
+        ge=0, lt=1 << 16, description="Action bitmask (workloads.data.schema.Action); 0: shown, not acted on"
+    )
 
 
 class BrewScoreRequest(BaseModel):
@@ -48,7 +50,7 @@ class BrewScoreRequest(BaseModel):
         min_length=1, max_length=MAX_CANDIDATES, description="items (actors for T2)"
     )
     history: list[HistoryItem] | None = Field(
-        None, description="oldest first; None: read from the world's log"
+        None, description="the task surface's impressions, oldest first; None: read from the world's log"
     )
     as_of: datetime | None = Field(
         None, description="history cut-off when read from the log; None: all of it"
@@ -60,7 +62,7 @@ class BrewScoreResponse(BaseModel):
     task: str
     candidate_ids: list[int]
     scores: list[float]  # P(yes), in request order
-    history_used: int  # interactions that fit in the prompt (most recent first)
+    history_used: int  # history events that fit in the prompt (most recent first)
     history_available: int
     prompt_tokens: int  # the longest candidate prompt
 
@@ -108,12 +110,12 @@ class BrewScorer:
         if engine is not None:
             engine.close()
 
-    def _history(self, request: BrewScoreRequest, mask: int) -> list[HistoryEvent]:
+    def _history(self, request: BrewScoreRequest, task: TaskTemplate) -> list[HistoryEvent]:
         try:
             if request.history is not None:
                 return [HistoryEvent(self.text.item(h.item_id), h.actions) for h in request.history]
             at = np.iinfo(np.int64).max if request.as_of is None else int(request.as_of.timestamp() * 1e6)
-            items, actions, _ = member_history(self.world, request.member_id, at, mask)
+            items, actions, _ = member_history(self.world, request.member_id, at, task)
         except KeyError as missing:
             raise HTTPException(422, f"history item_id {missing} is not in the world's items") from None
         return [HistoryEvent(self.text.item(int(i)), int(a)) for i, a in zip(items, actions, strict=True)]
@@ -130,7 +132,7 @@ class BrewScorer:
         except KeyError as missing:
             kind = "actor" if task.question_entity == "actor" else "item"
             raise HTTPException(422, f"candidate_ids: {kind} {missing} is not in the world") from None
-        history = self._history(request, task.history_mask)
+        history = self._history(request, task)
         prompts = self.verbalizer.verbalize(
             request.task, self.text.member(request.member_id), history, questions
         )

@@ -25,6 +25,12 @@ def templates() -> Templates:
 
 
 @pytest.fixture(scope="session")
+def unacted_templates() -> Templates:
+    """The shipped variant whose feed history also lists clicks, shares and posts shown, not acted on."""
+    return load_templates(Path(__file__).parents[3] / "examples" / "brew-templates-unacted.yaml")
+
+
+@pytest.fixture(scope="session")
 def world(tiny_world: Path) -> World:
     return load_world(tiny_world)
 

@@ -9,6 +9,7 @@ import pytest
 
 from workloads.brew.data import (
     MAX_HISTORY_EVENTS,
+    BrewExample,
     Periods,
     TimeSplit,
     World,
@@ -38,14 +39,13 @@ def test_periods_are_the_preprocessing_split(tiny_world: Path, periods: Periods)
 
 
 def test_impression_examples_are_point_in_time_and_labelled_from_the_log(
-    world: World, templates: Templates, periods: Periods
+    world: World, templates: Templates, unacted_templates: Templates, periods: Periods
 ) -> None:
     imp = world.impressions
-    for task in ("job_apply", "feed_like"):
-        spec = templates.task(task)
-        examples = impression_examples(
-            world, templates, task, periods.eval_start, periods.eval_end, 60, seed=0
-        )
+    cases = [("job_apply", templates), ("feed_like", templates), ("feed_like", unacted_templates)]
+    for task, variant in cases:
+        spec = variant.task(task)
+        examples = impression_examples(world, variant, task, periods.eval_start, periods.eval_end, 60, seed=0)
         assert examples
         for ex in examples:
             assert periods.eval_start <= ex.at < periods.eval_end
@@ -56,12 +56,16 @@ def test_impression_examples_are_point_in_time_and_labelled_from_the_log(
             ]
             assert len(shown) >= 1 and shown.iloc[0]["surface"] == spec.surface
             assert ex.label == int(shown[spec.label_action].max())
-            # History: only events strictly before the session start, only those with a history action.
+            # History: only the surface's events strictly before the session start that a group shows;
+            # history_len counts the interactions among them.
             past = imp[(imp.member_id == ex.member_id) & (imp.timestamp < ex.at)]
-            relevant = past[(past.actions & spec.history_mask) != 0]
-            assert ex.history_len == len(relevant)
-            assert ex.history_items.tolist() == relevant.item_id.tolist()[-MAX_HISTORY_EVENTS:]
-            assert np.all(ex.history_actions & spec.history_mask)
+            past = past[past.surface == spec.surface]
+            shown = past[spec.in_history(past.actions.to_numpy())]
+            assert ex.history_len == int(((past.actions & spec.history_mask) != 0).sum())
+            assert ex.history_items.tolist() == shown.item_id.tolist()[-MAX_HISTORY_EVENTS:]
+            assert np.all(spec.in_history(ex.history_actions))
+            if spec.shows_unacted:
+                assert len(shown) > ex.history_len  # unacted impressions are there too
 
 
 def test_positive_fraction_oversamples_rare_labels(
@@ -123,19 +127,32 @@ def test_follow_examples_and_popularity_never_see_the_members_own_follow(
 
 
 def test_author_in_prompt_counts_only_the_interactions_the_prompt_shows(
-    world: World, templates: Templates, periods: Periods
+    world: World, unacted_templates: Templates, periods: Periods
 ) -> None:
+    templates = unacted_templates  # a history with an unacted group capped by max_items
     follows = follow_examples(world, templates, "follow_actor", periods.eval_start, periods.eval_end, 40, 0)
     likes = impression_examples(world, templates, "feed_like", periods.eval_start, periods.eval_end, 40, 0)
     examples = follows + likes
     authors = world.items["actor_id"]
-    everything = np.array([len(e.history_items) for e in examples])
+
+    def shown_history(ex: BrewExample) -> list[int]:
+        """Every interaction and the newest `max_items` unacted impressions (the feed's `none` group)."""
+        spec = templates.task(ex.task)
+        cap = next(g.max_items for g in spec.history_groups if g.action == "none")
+        assert cap is not None
+        keep = (ex.history_actions & spec.history_mask) != 0
+        keep[np.flatnonzero(~keep)[-cap:]] = True
+        return ex.history_items[keep].tolist()
+
+    histories = [shown_history(e) for e in examples]
+    assert any(len(h) < len(e.history_items) for h, e in zip(histories, examples, strict=True))
+    everything = np.array([len(h) for h in histories])
     last_two = np.minimum(everything, 2)
     for used in (everything, last_two):
         scores = author_in_prompt_scores(world, templates, examples, used)
-        for ex, shown, score in zip(examples, used, scores, strict=True):
+        for ex, history, shown, score in zip(examples, histories, used, scores, strict=True):
             question_author = ex.question_id if ex.task == "follow_actor" else authors[ex.question_id]
-            visible = ex.history_items.tolist()[len(ex.history_items) - shown :] if shown else []
+            visible = history[len(history) - shown :] if shown else []
             assert score == sum(authors[i] == question_author for i in visible)
     assert author_in_prompt_scores(world, templates, examples, np.zeros(len(examples), int)).sum() == 0
     # the fixture world must exercise the count: some prompt shows the question's author

@@ -5,18 +5,26 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from pydantic import ValidationError
 from transformers import PreTrainedTokenizerBase
 
 from workloads.brew.model import answer_token_ids, load_tokenizer
-from workloads.brew.prompts import DEFAULT_TEMPLATES, HistoryEvent, Templates, Verbalizer
+from workloads.brew.prompts import (
+    DEFAULT_TEMPLATES,
+    HistoryEvent,
+    TaskTemplate,
+    Templates,
+    Verbalizer,
+)
 from workloads.data.schema import Action
 
 GOLDEN = Path(__file__).parent / "golden"
 APPLY, VIEW, DISMISS = (1 << Action.APPLY), (1 << Action.VIEW), (1 << Action.DISMISS)
 LIKE, COMMENT, CLICK = (1 << Action.LIKE), (1 << Action.COMMENT), (1 << Action.CLICK)
+SEEN = 0  # shown, no action taken
 
 # A fixed member, written by hand so the golden prompts do not move when the world generator changes.
 MEMBER = {
@@ -39,6 +47,7 @@ POSTS = [
     {"author": "Ava Chen", "post_type": "text", "text": "Three lessons on cloud infrastructure."},
     {"author": "Helixgate Capital", "post_type": "article", "text": "[article] A deep dive into fintech."},
     {"author": "Ava Chen", "post_type": "photo", "text": "[photo] Proud of the team for shipping."},
+    {"author": "Ben Okafor", "post_type": "text", "text": "What I learned this quarter about retail."},
 ]
 
 
@@ -70,11 +79,12 @@ def test_job_apply_prompt_matches_golden(templates: Templates, tokenizer: PreTra
 
 
 def test_feed_and_zero_shot_prompts_match_golden(
-    templates: Templates, tokenizer: PreTrainedTokenizerBase
+    templates: Templates, unacted_templates: Templates, tokenizer: PreTrainedTokenizerBase
 ) -> None:
     history = [
         HistoryEvent(templates.render("post", POSTS[0]), CLICK | LIKE),
-        HistoryEvent(templates.render("post", POSTS[1]), CLICK),  # a click alone is not in the feed history
+        HistoryEvent(templates.render("post", POSTS[1]), CLICK),
+        HistoryEvent(templates.render("post", POSTS[3]), SEEN),  # shown, not acted on
         HistoryEvent(templates.render("post", POSTS[2]), LIKE | COMMENT),
     ]
     verbalizer = Verbalizer(templates, tokenizer, max_context_tokens=4096)
@@ -82,9 +92,15 @@ def test_feed_and_zero_shot_prompts_match_golden(
     like = verbalizer.verbalize("feed_like", profile, history, [templates.render("post", POSTS[1])])
     actor = {"name": "Ava Chen", "kind": "member", "industry": "Software"}
     follow = verbalizer.verbalize("follow_actor", profile, history, [templates.render("actor", actor)])
-    assert like.history_available == 2
+    assert like.history_available == 2  # a click alone or an unacted post is not in the default history
     _check_golden("feed_like", like.prompts[0])
     _check_golden("follow_actor", follow.prompts[0])
+
+    # The variant that also lists clicks, shares and unacted posts (Table 1's "did not interact").
+    unacted = Verbalizer(unacted_templates, tokenizer, max_context_tokens=4096)
+    follow = unacted.verbalize("follow_actor", profile, history, [templates.render("actor", actor)])
+    assert follow.history_available == 4
+    _check_golden("follow_actor_unacted", follow.prompts[0])
 
 
 def _job_history(templates: Templates, n: int) -> list[HistoryEvent]:
@@ -121,6 +137,33 @@ def test_history_is_cut_most_recent_first_to_the_token_budget(
     # Every candidate's ids start with the same member prefix (what vLLM's prefix cache reuses).
     prefix_ids = tokenizer.encode(prompts.prefix, add_special_tokens=False)
     assert all(ids[: len(prefix_ids)] == prefix_ids for ids in prompts.token_ids)
+
+
+def test_unacted_group_keeps_its_newest_items_and_every_interaction(
+    templates: Templates, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    raw = templates.task("feed_like").model_dump()
+    raw["history_groups"] = [
+        {"action": "like", "text": "Liked:"},
+        {"action": "none", "text": "Seen:", "max_items": 2},
+    ]
+    task = TaskTemplate.model_validate(raw)
+    actions = [SEEN, LIKE, SEEN, SEEN, CLICK, LIKE, SEEN, LIKE | CLICK]
+    # The last two unacted events (positions 3 and 6), every like; the click alone is in no group.
+    assert task.history_indices(actions) == [1, 3, 5, 6, 7]
+    assert task.in_history(np.array(actions)).tolist() == [True, True, True, True, False, True, True, True]
+
+    custom = templates.model_copy(update={"tasks": {**templates.tasks, "feed_like": task}})
+    history = [HistoryEvent(f"[post {k}]", a) for k, a in enumerate(actions)]
+    prompts = Verbalizer(custom, tokenizer, 4096).verbalize(
+        "feed_like", templates.render("member", MEMBER), history, ["[question]"]
+    )
+    assert prompts.history_used == prompts.history_available == 5
+    assert "Liked:\n[post 1]\n[post 5]\n[post 7]\nSeen:\n[post 3]\n[post 6]\n" in prompts.prefix
+    with pytest.raises(ValidationError, match="max_items"):
+        TaskTemplate.model_validate(
+            {**raw, "history_groups": [{"action": "none", "text": "x", "max_items": 0}]}
+        )
 
 
 def test_budget_too_small_for_any_prompt_names_the_knob(

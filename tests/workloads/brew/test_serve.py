@@ -60,7 +60,7 @@ def test_brew_scorer_answers_over_http_with_the_offline_scores(
     artifact = load_artifact(Path(lora_training[1]["artifact"]))
     text = EntityText(world, templates)
     task = templates.task("feed_like")
-    items, actions, _ = member_history(world, member, np.iinfo(np.int64).max, task.history_mask)
+    items, actions, _ = member_history(world, member, np.iinfo(np.int64).max, task)
     history = [HistoryEvent(text.item(int(i)), int(a)) for i, a in zip(items, actions, strict=True)]
     tokenizer = load_tokenizer(artifact.adapter_dir or artifact.model_dir)
     verbalizer = Verbalizer(templates, tokenizer, artifact.max_context_tokens)
