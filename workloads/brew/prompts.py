@@ -28,6 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from workloads.data.schema import ACTION_COLUMNS, Action
 
 DEFAULT_TEMPLATES = Path(__file__).with_name("templates.yaml")
+UNACTED_TEMPLATES = Path(__file__).with_name("templates_unacted.yaml")  # + clicks, shares, unacted posts
 NO_ACTION = "none"  # a history group of items shown to the member who did nothing with them
 EntityKind = Literal["member", "job", "post", "actor"]
 

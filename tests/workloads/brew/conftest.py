@@ -16,7 +16,7 @@ from workloads.brew.data import (
     resolve_periods,
 )
 from workloads.brew.model import TinyLlama, build_tiny_llama
-from workloads.brew.prompts import Templates, load_templates
+from workloads.brew.prompts import UNACTED_TEMPLATES, Templates, load_templates
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +27,7 @@ def templates() -> Templates:
 @pytest.fixture(scope="session")
 def unacted_templates() -> Templates:
     """The shipped variant whose feed history also lists clicks, shares and posts shown, not acted on."""
-    return load_templates(Path(__file__).parents[3] / "examples" / "brew-templates-unacted.yaml")
+    return load_templates(UNACTED_TEMPLATES)
 
 
 @pytest.fixture(scope="session")
