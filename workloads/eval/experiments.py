@@ -36,8 +36,10 @@ from workloads.data.preprocess import PreprocessConfig
 from workloads.data.preprocess import run as preprocess
 from workloads.data.schema import TASKS, data_root
 from workloads.data.synth import SAME_TOPIC_PENALTY, WorldConfig, generate
+from workloads.eval import history_reader
 from workloads.eval.evaluate import EvalConfig, Gate, read_examples, score_examples
 from workloads.eval.evaluate import run as evaluate
+from workloads.eval.history_reader import HistoryReaderConfig
 from workloads.eval.metrics import auc, auc_standard_error
 from workloads.eval.plots import comparison_plot, scaling_plot
 from workloads.models.config import LiGRConfig
@@ -341,6 +343,9 @@ def scaling(lab: Lab) -> dict[str, Any]:
         artifact = lab.train("ligr", lab.ligr(max_history=history), examples, world, lab.cfg.epochs)
         overall = _overall(lab.evaluate(f"history-{history}", [artifact], examples), artifact)["overall"]
         by_history.append({"history": history, **_pick(overall)})
+    # what the same examples reward at each length when read by counts instead of learned embeddings
+    reader = history_reader.run(HistoryReaderConfig(examples_dir=examples, lengths=list(HISTORY_LENGTHS)))
+    reader_by_history = [{k: row[k] for k in ("history", *AUCS)} for row in reader]
     by_size = []
     for d_model, n_layers in MODEL_SIZES:
         model = lab.ligr(d_model=d_model, n_layers=n_layers, id_dim=d_model // 2)
@@ -364,8 +369,15 @@ def scaling(lab: Lab) -> dict[str, Any]:
         title=title,
         reference=reference,
         reference_label="DCNv2",
+        reader=reader_by_history,
     )
-    return {"by_history": by_history, "by_size": by_size, "dcnv2": reference, "plot": str(plot)}
+    return {
+        "by_history": by_history,
+        "reader_by_history": reader_by_history,
+        "by_size": by_size,
+        "dcnv2": reference,
+        "plot": str(plot),
+    }
 
 
 def hstu(lab: Lab) -> dict[str, Any]:
@@ -476,7 +488,7 @@ def report_markdown(results: dict[str, Any]) -> str:
         if name == "settings":
             continue
         parts.append(f"### {name}\n")
-        for key in ("rows", "probe", "by_history", "by_size"):
+        for key in ("rows", "probe", "by_history", "reader_by_history", "by_size"):
             if key in result:
                 parts.append(markdown_table(result[key]) + "\n")
         for key in ("lift_percent", "plot", "epochs"):

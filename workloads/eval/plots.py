@@ -26,11 +26,13 @@ def scaling_plot(
     title: str = "",
     reference: Mapping[str, float] | None = None,
     reference_label: str = "baseline",
+    reader: Sequence[dict[str, float]] = (),
 ) -> Path:
     """Two panels: AUC against history length, and AUC against dense parameters (log scale).
 
     Each point is a dict with ``history`` or ``dense_params`` and the metric values; ``reference``
-    (a baseline's metrics) is drawn as a dashed line per metric in the same colour.
+    (a baseline's metrics) is drawn as a dashed line per metric in the same colour, ``reader`` (the
+    counting reader's AUC per history length, ``workloads.eval.history_reader``) as a dotted one.
     """
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for metric in metrics:
@@ -39,6 +41,14 @@ def scaling_plot(
             [p["history"] for p in by_history], [p[metric] for p in by_history], "o-", label=label
         )
         right.plot([p["dense_params"] for p in by_size], [p[metric] for p in by_size], "o-", label=label)
+        if reader:
+            left.plot(
+                [p["history"] for p in reader],
+                [p[metric] for p in reader],
+                "s:",
+                color=line[0].get_color(),
+                label=f"{label}, counting reader",
+            )
         if reference is not None:
             for axis in (left, right):
                 axis.axhline(
@@ -51,7 +61,7 @@ def scaling_plot(
     right.set_xlabel("dense parameters")
     for axis in (left, right):
         axis.grid(alpha=0.3)
-        axis.legend()
+        axis.legend(fontsize=8, loc="lower right")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
