@@ -1,8 +1,9 @@
 """The ranking service under load, on loopback: latency, throughput, set-wise cost, amortized scoring.
 
 One run builds a small world (Feast repo materialized into a temp folder), publishes a LiGR artifact
-(freshly initialised unless ``--artifact`` names a trained one: the timings do not depend on the
-weights), deploys the graph from its serve config exactly as ``python -m workloads.serve`` does, and
+(the model of examples/feed-ligr.yaml, which `make demo` serves: its features and its two online
+counters; freshly initialised unless ``--artifact`` names a trained one: the timings do not depend on
+the weights), deploys the graph from its serve config exactly as ``python -m workloads.serve`` does, and
 drives ``POST /v1/rank`` over HTTP from ``--concurrency`` concurrent clients:
 
 (a) latency p50/p90/p99 and throughput at 50, 200 and 500 candidates, with and without the set-wise
@@ -38,7 +39,9 @@ import numpy as np
 import pandas as pd
 
 REPO = Path(__file__).resolve().parent.parent / "feature_repo"
-SERVED_VIEWS = ["member_history", "member_profile", "item_features"]
+SERVED_VIEWS = ["member_history", "member_profile", "item_features"]  # plus the model's counter views
+DEMO_MANIFEST = Path(__file__).resolve().parent.parent / "examples" / "feed-ligr.yaml"
+MAX_CANDIDATES = 512  # the largest --candidates scored in one pass
 PORT = 8766
 
 
@@ -80,11 +83,18 @@ class Cell:
 
 
 def prepare(root: Path, members: int, artifact: Path | None) -> tuple[Path, Path, datetime, list[int], int]:
-    """World, features, Feast apply + materialize, artifact: (repo, artifact, as_of, members, n_items)."""
+    """World, features, artifact, Feast apply + materialize: (repo, artifact, as_of, members, n_items).
+
+    The default artifact is the model `make demo` serves (examples/feed-ligr.yaml: its token features and
+    the two counters its candidates read online), so the timings include the counter reads.
+    """
+    from operators.pipeline import ligr_model_config
+    from operators.run import load_manifest
     from workloads.data.features import (
         FeatureTablesConfig,
         apply,
         build_feature_tables,
+        counter_reads,
         feature_store,
         offline_session,
     )
@@ -97,17 +107,9 @@ def prepare(root: Path, members: int, artifact: Path | None) -> tuple[Path, Path
     generate(WorldConfig(members=members, seed=0), world)
     repo = shutil.copytree(REPO, root / "feature_repo", ignore=shutil.ignore_patterns("__pycache__", "data"))
     os.environ["RANKRAY_DATA_DIR"] = str(root / "data")
-    with offline_session():
-        built = build_feature_tables(world, FeatureTablesConfig(history_len=64, counter_snapshots=1))
-        apply(repo)
-        end = datetime.fromisoformat(built["end"])
-        feature_store(repo).materialize(
-            start_date=datetime(2000, 1, 1, tzinfo=UTC),
-            end_date=end + timedelta(seconds=1),
-            feature_views=SERVED_VIEWS,
-        )
     if artifact is None:
-        cfg = LiGRConfig(max_history=64, max_candidates=512, dropout=0.0)  # default width and depth
+        demo = ligr_model_config(load_manifest(DEMO_MANIFEST).spec.model)
+        cfg = LiGRConfig.model_validate({**demo, "max_candidates": MAX_CANDIDATES, "dropout": 0.0})
         artifact = save_artifact(
             root / "models" / "ligr" / "v1",
             build_model(cfg).state_dict(),
@@ -115,6 +117,17 @@ def prepare(root: Path, members: int, artifact: Path | None) -> tuple[Path, Path
             name="ligr",
             version=1,
             feature_spec=feature_spec(cfg, str(world / "items.parquet"), None),
+        )
+    counters = json.loads((artifact / "feature_spec.json").read_text()).get("counter_features", [])
+    views = SERVED_VIEWS + [group.view for group, _ in counter_reads(counters)]
+    with offline_session():
+        built = build_feature_tables(world, FeatureTablesConfig(history_len=64, counter_snapshots=1))
+        apply(repo)
+        end = datetime.fromisoformat(built["end"])
+        feature_store(repo).materialize(
+            start_date=datetime(2000, 1, 1, tzinfo=UTC),
+            end_date=end + timedelta(seconds=1),
+            feature_views=views,
         )
     histories = pd.read_parquet(world / "features" / "member_history.parquet")
     with_history = histories.loc[histories["history_len"] > 0, "member_id"].astype(int).tolist()
@@ -269,6 +282,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--artifact", type=Path, help="a trained LiGR artifact (default: a fresh one)")
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray cluster")
     args = parser.parse_args(argv)
+    if args.artifact is None and max(args.candidates) > MAX_CANDIDATES:
+        parser.error(f"--candidates: at most {MAX_CANDIDATES} (the benchmark model's max_candidates)")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 

@@ -117,6 +117,9 @@ def features_materialize(
         summary = materialize(repo, services)
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--service") from err
+    except FileNotFoundError as err:
+        typer.echo(f"Error: {err}", err=True)
+        raise typer.Exit(1) from err
     _print_summary(summary)
 
 

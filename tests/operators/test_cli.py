@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +87,20 @@ def test_synth_refuses_a_bad_override_naming_the_field(tmp_path: Path) -> None:
         assert result.exit_code == 2, result.output  # a usage error, not a crash (exit 1)
         assert expected in " ".join(result.stderr.replace("│", " ").split())
     assert not (tmp_path / "w").exists(), "nothing is generated from a bad config"
+
+
+def test_materialize_before_the_tables_exist_exits_with_the_missing_tables(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Not a traceback: the error names the views' tables and the command that builds them."""
+    ignore = shutil.ignore_patterns("__pycache__", "data")
+    repo = shutil.copytree(ROOT / "feature_repo", tmp_path / "feature_repo", ignore=ignore)
+    (tmp_path / "data" / "feast").mkdir(parents=True)  # the registry's folder, but no world/features
+    monkeypatch.setenv("RANKRAY_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("FEAST_FS_YAML_FILE_PATH", raising=False)
+    assert runner.invoke(app, ["features", "apply", "--repo", str(repo)]).exit_code == 0
+    result = runner.invoke(app, ["features", "materialize", "--repo", str(repo), "--service", "ligr_v2"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)  # typer.Exit, not a crash
+    message = " ".join(result.stderr.split())
+    assert "feature view table(s) missing" in message and "item_counters" in message
+    assert "rankray features build" in message

@@ -291,6 +291,14 @@ def _repo_contents(repo: Path) -> Any:
                 sys.modules.pop(name, None)
 
 
+def missing_tables(views: Sequence[Any]) -> dict[str, str]:
+    """Feature views whose local parquet table does not exist: ``feast apply`` registers them anyway
+    (with a warning), and reading them later fails on a bare path. Remote tables (``s3://``) are not
+    checked."""
+    paths = {view.name: view.batch_source.path for view in views}
+    return {name: path for name, path in paths.items() if "://" not in path and not Path(path).exists()}
+
+
 def apply(repo: Path) -> dict[str, Any]:
     """`feast apply` from Python: register the repo's entities, views and services; drop removed ones."""
     from feast.repo_operations import extract_objects_for_apply_delete
@@ -311,6 +319,8 @@ def apply(repo: Path) -> dict[str, Any]:
         "feature_views": sorted(v.name for v in store.list_feature_views()),
         "feature_services": sorted(s.name for s in store.list_feature_services()),
         "deleted": sorted(o.name for o in to_delete),
+        # registered all the same; `materialize` refuses them until `rankray features build` writes them
+        "tables_missing": sorted(missing_tables(contents.feature_views)),
         "seconds": round(time.perf_counter() - began, 2),
     }
 
@@ -354,6 +364,12 @@ def materialize(repo: Path, services: list[str] | None = None) -> dict[str, Any]
             )
         wanted = {p.name for name in services for p in known[name].feature_view_projections}
         views = [view for view in views if view.name in wanted]
+    missing = missing_tables(views)
+    if missing:
+        raise FileNotFoundError(
+            f"feature view table(s) missing: {missing}; build them first "
+            "(`rankray features build`, or set RANKRAY_DATA_DIR to the data root that holds them)"
+        )
     spans = {}
     for view in views:
         stamps = pq.read_table(view.batch_source.path, columns=["event_timestamp"])["event_timestamp"]

@@ -96,6 +96,7 @@ def test_apply_registers_every_declaration_under_the_data_root(feast_world: Feas
     }
     assert set(applied["feature_views"]) == views
     assert applied["feature_services"] == ["brew_v1", "dcnv2_v1", "ligr_v1", "ligr_v2"]
+    assert applied["tables_missing"] == []
     data_root = feast_world.world.parent
     assert Path(applied["registry"]) == data_root / "feast" / "registry.db"
     assert (data_root / "feast" / "online.db").is_file()
@@ -438,3 +439,19 @@ def test_materializing_one_feature_service_loads_only_its_views(
             "member_counters",
             "member_topic_counters",
         ]
+
+
+def test_materializing_views_whose_tables_were_never_built_names_them(tmp_path: Path) -> None:
+    """`apply` registers views before their tables exist; materialize says which tables are missing."""
+    repo = copy_repo(tmp_path / "feature_repo")
+    (tmp_path / "data" / "feast").mkdir(parents=True)  # the registry's folder, but no world/features
+    with pytest.MonkeyPatch.context() as menv, offline_session():
+        menv.setenv("RANKRAY_DATA_DIR", str(tmp_path / "data"))
+        menv.delenv("FEAST_FS_YAML_FILE_PATH", raising=False)
+        assert len(apply(repo)["tables_missing"]) == 9  # registered all the same, as `feast apply` does
+        with pytest.raises(FileNotFoundError, match="rankray features build") as missing:
+            materialize(repo, ["ligr_v1"])
+    message = str(missing.value)
+    assert "'member_history'" in message and "'item_features'" in message
+    assert "counters" not in message.split(";")[0]  # only the service's views are checked
+    assert str(tmp_path / "data" / "world" / "features" / "member_history.parquet") in message
