@@ -155,6 +155,52 @@ def test_helm_lint_passes_strict(helm: Path, values_file: str) -> None:
     assert "0 chart(s) failed" in result.stdout
 
 
+@pytest.mark.parametrize(
+    ("setting", "refusal"),
+    [
+        # a misplaced key (workloads.env under featureMaterialization) would otherwise be ignored silently
+        ("featureMaterialization.env[0].name=X", "at '/featureMaterialization': additional properties 'env'"),
+        ("operator.replica=2", "at '/operator': additional properties 'replica' not allowed"),
+        ("operator.replicas=two", "at '/operator/replicas': got string, want integer"),
+        ("image.pullPolicy=Sometimes", "at '/image/pullPolicy'"),
+        ("image.digest=abc123", "at '/image/digest'"),
+        ("workloads.head.memory=lots", "at '/workloads/head/memory'"),
+        ("operator.watchNamespaces[0]=Team_A", "at '/operator/watchNamespaces/0'"),
+        ("workloads.env[0].value=x", "at '/workloads/env/0': missing property 'name'"),
+    ],
+)
+def test_values_outside_the_schema_are_refused_naming_the_key(helm: Path, setting: str, refusal: str) -> None:
+    result = run_tool(helm, "template", "rankray", CHART, "--set", setting)
+    assert result.returncode != 0
+    assert "values don't meet the specifications of the schema" in result.stderr
+    assert refusal in result.stderr, result.stderr
+
+
+def _schema_keys(schema: dict[str, Any], prefix: str = "") -> set[str]:
+    keys = set()
+    for name, sub in schema.get("properties", {}).items():
+        keys.add(prefix + name)
+        keys |= _schema_keys(sub, f"{prefix}{name}.")
+    return keys
+
+
+def _value_keys(values: dict[str, Any], schema: dict[str, Any], prefix: str = "") -> set[str]:
+    """The keys of values.yaml down to where the schema stops naming properties (pass-through objects)."""
+    keys = set()
+    for name, value in values.items():
+        keys.add(prefix + name)
+        sub = schema.get("properties", {}).get(name, {})
+        if isinstance(value, dict) and "properties" in sub:
+            keys |= _value_keys(value, sub, f"{prefix}{name}.")
+    return keys
+
+
+def test_the_values_schema_names_exactly_the_default_values() -> None:
+    """values.yaml documents every setting; the schema must not drift from it either way."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert _value_keys(load_values("values.yaml"), schema) == _schema_keys(schema)
+
+
 @pytest.mark.parametrize("values_file", VALUES_FILES)
 def test_every_rendered_object_validates(rendered: dict[str, list[Manifest]], values_file: str) -> None:
     manifests = rendered[values_file]
