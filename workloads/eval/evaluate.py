@@ -97,7 +97,7 @@ class ScoredCandidates:
     setwise_logits: np.ndarray | None = None  # (N, T) the set-wise part of the logit, for models with one
 
 
-def _numpy_rows(table: pa.Table) -> dict[str, np.ndarray]:
+def numpy_rows(table: pa.Table) -> dict[str, np.ndarray]:
     """The column layout Ray Data's ``iter_batches(batch_format="numpy")`` gives ``collate``."""
     return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
 
@@ -107,7 +107,7 @@ def read_examples(examples_dir: Path, split: str, surfaces: list[str]) -> pa.Tab
     return table.filter(pc.is_in(table.column("surface"), pa.array(surfaces)))
 
 
-def _item_content(artifact: LoadedArtifact, world_dir: Path | None) -> ItemContentTable:
+def item_content(artifact: LoadedArtifact, world_dir: Path | None) -> ItemContentTable:
     source = world_dir / "items.parquet" if world_dir else artifact.feature_spec.get("item_content_source")
     if not source:
         raise ValueError(f"{artifact.path}: feature_spec has no item_content_source; set world_dir")
@@ -120,14 +120,14 @@ def score_examples(
 ) -> ScoredCandidates:
     """Score every session of ``examples`` in one pass per batch (history encoded once per session)."""
     spec = artifact.feature_spec
-    content = _item_content(artifact, world_dir)
+    content = item_content(artifact, world_dir)
     sids = None
     if spec.get("semantic_ids_source"):
         codebook = artifact.config["model"]["sid_codebook_size"]
         sids = SemanticIdTable.from_parquet(spec["semantic_ids_source"], codebook)
     probs, labels, history, session, setwise = [], [], [], [], []
     for start in range(0, examples.num_rows, batch_size):
-        rows = _numpy_rows(examples.slice(start, batch_size))
+        rows = numpy_rows(examples.slice(start, batch_size))
         batch = collate(rows, content, spec["max_history"], spec["max_candidates"], sids)
         output = artifact.model(batch)
         mask = batch.cand_mask

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from sklearn.ensemble import HistGradientBoostingClassifier
 
 from workloads.data.schema import CONTRIBUTION_MASK, TASKS, Action
-from workloads.eval.evaluate import read_examples
+from workloads.eval.evaluate import read_examples, write_json_atomic
 from workloads.eval.metrics import auc
 from workloads.models.batch import task_labels
 from workloads.stage import run_stage
@@ -137,8 +137,7 @@ def run(cfg: HistoryReaderConfig) -> list[dict[str, Any]]:
         rows.append({**row, "seconds": round(time.perf_counter() - began, 1)})
         print(json.dumps(rows[-1]), flush=True)
     if cfg.output is not None:
-        cfg.output.parent.mkdir(parents=True, exist_ok=True)
-        cfg.output.write_text(json.dumps(rows, indent=2) + "\n")
+        write_json_atomic(cfg.output, rows)
     return rows
 
 

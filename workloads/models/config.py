@@ -93,6 +93,10 @@ class SequenceRankerConfig(_Optim):
     history_loss_weight: NonNegativeFloat = 1.0  # each history item also predicts its own action
     attention_rank_loss_weight: NonNegativeFloat = 0.1
     attn_impl: AttentionImpl = "auto"  # auto: FlexAttention on GPU, dense SDPA on CPU
+    # beyond the paper: history attention also scores "same actor" (unit actor embeddings as extra query /
+    # key dimensions, a learned gain per head), so a candidate can pick out its actor's past events with
+    # little data; off reproduces the paper's attention (docs/models.md, claim 3)
+    actor_match: bool = False
 
     @field_validator("n_heads")
     @classmethod
@@ -129,6 +133,10 @@ class SequenceRankerConfig(_Optim):
     def _has_item_features(self) -> SequenceRankerConfig:
         if not self.use_features and not self.use_semantic_ids:
             raise ValueError("use_features: an item token needs at least one feature (or use_semantic_ids)")
+        if self.actor_match and "actor_id" not in self.use_features:
+            raise ValueError("actor_match: matches actor embeddings, so use_features must include actor_id")
+        if self.actor_match and not isinstance(self, LiGRConfig):
+            raise ValueError(f"actor_match: only LiGR's attention implements it, not {type(self).__name__}")
         return self
 
 

@@ -166,6 +166,7 @@ def candidate_features(batch: RankingBatch) -> dict[str, Tensor | None]:
 
 # --- Attention masks from session ids ------------------------------------------------------------------
 
+MATCH_GAIN_SCALE = 10.0  # the match gain learns at 10x the dense learning rate (Adam steps ~ lr)
 ITEM, ACTION, CANDIDATE = 0, 1, 2  # token kinds
 TARGET_SESSION = 1 << 40  # the candidates' session: later than every history session
 
@@ -257,6 +258,7 @@ class AttentionMask:
         self.device = layout.valid.device
         self._dense: Tensor | None = None
         self._block: BlockMask | None = None
+        self.match_keys: Tensor | None = None  # (B, L, E) unit vectors; see MultiHeadAttention.match_gain
 
     def dense(self) -> Tensor:  # (B, L, L) bool
         if self._dense is None:
@@ -386,7 +388,12 @@ def attention_function(impl: str, device: torch.device) -> AttentionFn:
 
 class MultiHeadAttention(nn.Module):
     def __init__(
-        self, d_model: int, n_heads: int, attn_impl: str, rel_bias: RelativeBucketBias | None = None
+        self,
+        d_model: int,
+        n_heads: int,
+        attn_impl: str,
+        rel_bias: RelativeBucketBias | None = None,
+        match: bool = False,
     ) -> None:
         super().__init__()
         self.n_heads, self.attn_impl = n_heads, attn_impl
@@ -395,17 +402,39 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = nn.Linear(d_model, d_model, bias=False)
         self.o_proj = nn.Linear(d_model, d_model)
         self.rel_bias = rel_bias
+        # per head, the logit bonus (x MATCH_GAIN_SCALE) for a key whose match key equals the query's
+        self.match_gain = nn.Parameter(torch.full((n_heads,), 0.1)) if match else None
+
+    def with_match(self, q: Tensor, k: Tensor, mask: AttentionMask) -> tuple[Tensor, Tensor]:
+        """Append the match keys to q and k so that q k^T / sqrt(d) gains gain_h * <m_q, m_k>."""
+        if self.match_gain is None or mask.match_keys is None:
+            return q, k
+        hd, m = q.shape[-1], mask.match_keys[:, None]  # (B, 1, L, E)
+        widened = math.sqrt((hd + m.shape[-1]) / hd)  # keeps the q k^T / sqrt(hd) term as it was
+        gain = (MATCH_GAIN_SCALE * self.match_gain)[None, :, None, None] * math.sqrt(hd + m.shape[-1])
+        q = torch.cat([q * widened, gain * m.expand(-1, self.n_heads, -1, -1)], dim=-1)
+        k = torch.cat([k, m.expand(-1, self.n_heads, -1, -1)], dim=-1)
+        return q, k
+
+    def heads(self, t: Tensor) -> Tensor:  # (B, L, D) -> (B, nh, L, hd)
+        B, L, D = t.shape
+        return t.view(B, L, self.n_heads, D // self.n_heads).transpose(1, 2)
 
     def forward(self, x: Tensor, mask: AttentionMask) -> Tensor:  # x: (B, L, D)
-        B, L, D = x.shape
-
-        def heads(t: Tensor) -> Tensor:
-            return t.view(B, L, self.n_heads, D // self.n_heads).transpose(1, 2)  # (B, nh, L, hd)
-
-        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        q, k, v = self.heads(self.q_proj(x)), self.heads(self.k_proj(x)), self.heads(self.v_proj(x))
+        q, k = self.with_match(q, k, mask)
         bias = None if self.rel_bias is None else self.rel_bias(mask.position)  # (B, nh, L, L)
         y = attention_function(self.attn_impl, x.device)(q, k, v, mask, bias)  # (B, nh, L, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, L, D))
+        return self.o_proj(y.transpose(1, 2).reshape(x.shape))
+
+    def weights(self, x: Tensor, mask: AttentionMask) -> Tensor:
+        """The softmax each token reads its keys with, (B, nh, L, L): for analysis (the kernels never
+        materialize it). ``o_proj(weights @ v)`` is ``forward``'s output."""
+        q, k = self.with_match(self.heads(self.q_proj(x)), self.heads(self.k_proj(x)), mask)
+        scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        if self.rel_bias is not None:
+            scores = scores + self.rel_bias(mask.position)
+        return torch.softmax(scores.masked_fill(~mask.dense()[:, None], float("-inf")), dim=-1)
 
 
 class FeedForward(nn.Module):
@@ -432,10 +461,11 @@ class GatedBlock(nn.Module):
         dropout: float,
         attn_impl: str,
         rel_bias: RelativeBucketBias | None = None,
+        match: bool = False,
     ) -> None:
         super().__init__()
         self.attn_norm = nn.LayerNorm(d_model)
-        self.attn = MultiHeadAttention(d_model, n_heads, attn_impl, rel_bias)
+        self.attn = MultiHeadAttention(d_model, n_heads, attn_impl, rel_bias, match)
         self.attn_gate = nn.Linear(d_model, d_model, bias=False)
         self.ffn_norm = nn.LayerNorm(d_model)
         self.ffn = FeedForward(d_model, ffn_mult)
@@ -494,6 +524,9 @@ class LiGRModel(nn.Module):
             )
         x = self.dropout(torch.cat([history, candidates], dim=1))  # (B, 2H + S, D)
         mask = AttentionMask(layout.historical(), layout)
+        if self.cfg.actor_match:
+            actors = torch.cat([batch.hist_actor_id.repeat_interleave(2, dim=1), batch.cand_actor_id], dim=1)
+            mask.match_keys = F.normalize(self.items.features["actor_id"](actors), dim=-1)
         for block in self.blocks:
             x = block(x, mask)
         x = self.norm(x)
@@ -630,7 +663,8 @@ class LiGRForRanking(GenerativeRanker):
         # ("two items between posts of one actor", 3.2) are about order; history uses absolute positions
         slot_bias = setwise and cfg.setwise_slot_bias
         rel_bias = RelativeBucketBias(cfg.n_heads, cfg.n_bias_buckets) if slot_bias else None
-        return GatedBlock(cfg.d_model, cfg.n_heads, cfg.ffn_mult, cfg.dropout, cfg.attn_impl, rel_bias)
+        match = cfg.actor_match and not setwise
+        return GatedBlock(cfg.d_model, cfg.n_heads, cfg.ffn_mult, cfg.dropout, cfg.attn_impl, rel_bias, match)
 
 
 # --- Retrieval (3.4) -----------------------------------------------------------------------------------

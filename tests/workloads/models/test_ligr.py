@@ -226,6 +226,74 @@ def test_attention_kernels_agree_with_the_eager_reference(impl: str) -> None:
     torch.testing.assert_close(got.logits, expected.logits, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("actor_match", [False, True])
+def test_attention_weights_are_what_the_layer_reads(actor_match: bool) -> None:
+    """``weights`` (the analysis view) times the values is the layer's own output, masks included."""
+    batch = random_batch(seed=3, n_rows=3, hist_len=(2, 12))
+    net = model(actor_match=actor_match)
+    captured: list[torch.Tensor] = []
+    attn = net.backbone.blocks[1].attn
+    attn.register_forward_hook(
+        lambda module, args, out: captured.extend([*args[:1], out, module.weights(*args)])
+    )
+    with torch.no_grad():
+        net(batch)
+        x, out, weights = captured
+        v = attn.heads(attn.v_proj(x))
+        rebuilt = attn.o_proj((weights @ v).transpose(1, 2).reshape(x.shape))
+    torch.testing.assert_close(rebuilt, out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1]))
+
+
+def test_actor_match_adds_gain_times_the_actor_cosine_to_the_scores() -> None:
+    """With the query and key projections at zero, a score is the match term alone: gain x cos(actors)."""
+    batch = random_batch(seed=5, n_rows=2, hist_len=(6, 12))
+    net = model(actor_match=True)
+    attn = net.backbone.blocks[0].attn
+    with torch.no_grad():
+        attn.q_proj.weight.zero_()
+        attn.k_proj.weight.zero_()
+        attn.match_gain.copy_(torch.tensor([0.0, 0.3]))
+    captured: list[torch.Tensor] = []
+    attn.register_forward_hook(lambda module, args, out: captured.append(module.weights(*args)))
+    with torch.no_grad():
+        net(batch)
+    weights = captured[0][0]  # first row: (heads, L, L)
+    H = batch.hist_item_id.shape[1]
+    n = int(batch.hist_mask[0].sum())  # real events of row 0, oldest first
+    actors = torch.cat([batch.hist_actor_id[0].repeat_interleave(2), batch.cand_actor_id[0]])
+    m = torch.nn.functional.normalize(net.backbone.items.features["actor_id"](actors), dim=-1)
+    query, keys = 2 * H, torch.arange(2 * n)  # the first candidate reads every history token
+    cosine = m[keys] @ m[query]
+    # head 0 (gain 0) reads evenly; head 1 in proportion to exp(3 * cosine) (gain x MATCH_GAIN_SCALE)
+    torch.testing.assert_close(weights[0, query, keys], torch.full((2 * n,), float(weights[0, query, 0])))
+    expected = torch.softmax(3.0 * torch.cat([cosine, (m[query] @ m[query])[None]]), dim=0)
+    torch.testing.assert_close(weights[1, query, keys], expected[:-1], atol=1e-5, rtol=1e-4)
+
+
+def test_actor_match_at_zero_gain_is_the_papers_attention() -> None:
+    batch = random_batch(seed=7, n_rows=3, hist_len=(3, 12))
+    plain, matched = model(), model(actor_match=True)
+    assert set(matched.state_dict()) - set(plain.state_dict()) == {
+        f"backbone.blocks.{i}.attn.match_gain" for i in range(2)
+    }  # the set-wise layer reads candidates, not history: no match there
+    matched.load_state_dict(plain.state_dict(), strict=False)
+    for block in matched.backbone.blocks:
+        torch.nn.init.zeros_(block.attn.match_gain)
+    with torch.no_grad():
+        torch.testing.assert_close(matched(batch).logits, plain(batch).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "flex"])
+def test_actor_match_kernels_agree_with_the_eager_reference(impl: str) -> None:
+    batch = random_batch(seed=7, n_rows=3, hist_len=(3, 12))
+    reference = model(attn_impl="eager", actor_match=True)
+    other = LiGRForRanking(tiny(attn_impl=impl, actor_match=True)).eval()
+    other.load_state_dict(reference.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(other(batch).logits, reference(batch).logits, atol=1e-5, rtol=1e-5)
+
+
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

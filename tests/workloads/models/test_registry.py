@@ -76,6 +76,18 @@ def test_message_says_what_was_expected() -> None:
         SASRecConfig(d_model=10, n_heads=3)
 
 
+def test_actor_match_needs_the_actor_feature_and_ligr_attention() -> None:
+    with pytest.raises(ValidationError, match=r"actor_match: .* use_features must include actor_id"):
+        LiGRConfig(actor_match=True, use_features=frozenset({"post_type", "content"}))
+    with pytest.raises(
+        ValidationError, match="actor_match: only LiGR's attention implements it, not HSTUConfig"
+    ):
+        HSTUConfig(actor_match=True)
+    assert not equal_size_hstu(
+        LiGRConfig(actor_match=True)
+    ).actor_match  # the HSTU twin keeps plain attention
+
+
 def test_kind_picks_the_config_and_the_model() -> None:
     class Train(BaseModel):
         model: ModelConfig
