@@ -139,6 +139,7 @@ def ligr_model_config(model: ModelSpec) -> dict[str, Any]:
         **({"candidate_counters": [c.value for c in model.counters]} if model.counters else {}),
         # rates as log-odds: on log1p a rate's spread is a twentieth of an embedding's (docs/models.md)
         **({"counter_scale": "log_odds"} if model.counters else {}),
+        **({"actor_match": True} if model.actor_match else {}),
     }
 
 

@@ -249,6 +249,17 @@ class ModelSpec(_Api):
             "model.counters must name each counter once",
             ".counters",
         ),
+        cel(
+            "self.kind == 'ligr' || !has(self.actorMatch)",
+            "model.actorMatch applies only to model.kind ligr",
+            ".actorMatch",
+        ),
+        cel(
+            "!has(self.actorMatch) || !self.actorMatch || !has(self.features)"
+            " || self.features.exists(f, f == 'actor_id')",
+            "model.actorMatch needs actor_id among model.features (it matches actor embeddings)",
+            ".actorMatch",
+        ),
     )
 
     kind: ModelKind = Field(
@@ -286,6 +297,13 @@ class ModelSpec(_Api):
         "production model (LiGR 5.4); rates as log-odds against their prior, counts as log1p. Serving "
         "reads them from the online store: materialize a feature service that holds their views "
         "(ligr_v2 holds ma_eng_30d and item_ctr_7d). Default: none.",
+    )
+    actor_match: bool | None = Field(
+        None,
+        description="ligr only, beyond the paper: history attention also scores whether a past event has the "
+        "candidate's actor, with a learned weight per head, so that at small data scale AUC keeps growing "
+        "with historyLength (docs/models.md, claim 3). Needs actor_id among the features; training is slower "
+        "(wider attention heads). Default: off, the paper's attention.",
     )
 
 
@@ -508,7 +526,9 @@ class RankingModelSpec(_Api):
         """Digest of what a version is trained from; serving, image and suspend changes do not retrain."""
         # fields added after the API's first release count only when set: an operator upgrade that
         # adds a field must not retrain every model
-        unset_new = {name for name in ("features", "counters") if getattr(self.model, name) is None}
+        unset_new = {
+            name for name in ("features", "counters", "actor_match") if getattr(self.model, name) is None
+        }
         trained = self.model_dump(
             mode="json",
             include={"feature_repo", "data", "model", "training", "evaluation", "artifact_root"},

@@ -128,6 +128,13 @@ def test_without_features_and_counters_a_ligr_model_reads_all_five_and_no_counte
     )
 
 
+@pytest.mark.parametrize("actor_match", [None, False, True])
+def test_actor_match_reaches_the_model_only_when_asked_for(actor_match: bool | None) -> None:
+    spec = ModelSpec(kind="ligr", features=["actor_id", "content"], actor_match=actor_match)
+    config = LiGRConfig.model_validate(ligr_model_config(spec))
+    assert config.actor_match is bool(actor_match)
+
+
 def test_the_apis_features_and_counters_are_the_models() -> None:
     """The API spells them itself (operators does not import the models); they must not drift apart."""
     assert {f.value for f in TokenFeature} == set(ALL_FEATURES)

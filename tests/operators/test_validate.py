@@ -127,6 +127,18 @@ BAD: dict[str, tuple[Edit, str, str, str]] = {
         "cel",
         "each counter once",
     ),
+    "actor match on a brew model": (
+        _set("spec.model", {"kind": "brew", "baseModel": "/models/llm", "actorMatch": True}),
+        "spec.model.actorMatch",
+        "cel",
+        "only to model.kind ligr",
+    ),
+    "actor match without the actor feature": (
+        _set("spec.model", {"kind": "ligr", "features": ["content", "post_type"], "actorMatch": True}),
+        "spec.model.actorMatch",
+        "cel",
+        "needs actor_id among model.features",
+    ),
     "unknown counter": (
         _set("spec.model.counters", ["ctr"]),
         "spec.model.counters[0]",

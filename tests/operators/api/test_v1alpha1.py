@@ -45,6 +45,7 @@ def test_the_spec_reads_camel_case_and_fills_defaults(manifest: dict[str, Any]) 
         ("featureRepo.path", "/srv/feature_repo", True),
         ("model.features", ["content"], True),
         ("model.counters", ["item_ctr_7d"], True),
+        ("model.actorMatch", True, True),
     ],
 )
 def test_only_changes_to_what_is_trained_change_the_pipeline_fingerprint(
