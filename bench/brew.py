@@ -6,9 +6,12 @@ each further candidate costs its suffix alone, so the saving grows with the hist
 prompt. The benchmark builds the prompts of the busiest member of a small generated world, then for
 each setting starts one engine, warms it up, and times ``--repeats`` requests of N candidates,
 clearing the prefix cache before each (every request is a cold member). The transformers backend
-(no cache, padded batches) is timed on the same prompts for reference. Figures are medians.
+(no cache, padded batches; on the GPU where there is one) is timed on the same prompts for reference.
+Figures are medians. ``--backends transformers`` skips vLLM (a machine without it); ``--tiny-shape``
+sizes the random test decoder (e.g. SmolLM2-135M's layout where its checkpoint is not at hand).
 
-Usage: ``python -m bench.brew [--model tiny|smollm2] [--candidates 50] [--max-context 1024] [--repeats 5]``.
+Usage: ``python -m bench.brew [--model tiny|smollm2] [--candidates 50] [--max-context 1024] [--repeats 5]
+[--backends vllm transformers] [--tiny-shape JSON]``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from workloads.brew.data import (
     EntityText,
@@ -58,6 +62,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-context", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--members", type=int, default=300, help="size of the generated world")
+    parser.add_argument(
+        "--backends", nargs="+", choices=["vllm", "transformers"], default=["vllm", "transformers"]
+    )
+    parser.add_argument(
+        "--tiny-shape", default=TinyLlama().model_dump_json(), help="TinyLlama fields as JSON"
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help="transformers: prompts per forward pass")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = parser.parse_args(argv)
 
     templates = load_templates()
@@ -69,7 +81,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         text = EntityText(world, templates)
         if args.model == "tiny":
             corpus = list(entity_corpus(world, text, periods.eval_start))
-            model_dir = build_tiny_llama(Path(tmp) / "tiny", corpus, templates, TinyLlama())
+            shape = TinyLlama.model_validate_json(args.tiny_shape)
+            model_dir = build_tiny_llama(Path(tmp) / "tiny", corpus, templates, shape)
         else:
             model_dir = smollm2_folder()
         tokenizer = load_tokenizer(model_dir)
@@ -93,24 +106,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         n = len(prompts.token_ids)
 
         seconds: dict[str, float] = {}
-        for caching in (True, False):
+        device = torch.device("cpu")
+        for caching in (True, False) if "vllm" in args.backends else ():
             scorer = VLLMScorer(artifact, ScorerConfig(backend="vllm", enable_prefix_caching=caching))
             seconds[f"vllm_cache_{'on' if caching else 'off'}"] = _time(
                 scorer, prompts.token_ids, args.repeats, True
             )
             scorer.close()
-        reference = TransformersScorer(artifact, ScorerConfig(backend="transformers", batch_size=16))
-        seconds["transformers"] = _time(reference, prompts.token_ids, args.repeats, False)
+        if "transformers" in args.backends:
+            reference = TransformersScorer(
+                artifact, ScorerConfig(backend="transformers", batch_size=args.batch_size, dtype=args.dtype)
+            )
+            device = reference.device
+            seconds["transformers"] = _time(reference, prompts.token_ids, args.repeats, False)
 
     result = {
-        "model": args.model,
+        "model": args.model if args.model == "smollm2" else f"tiny {args.tiny_shape}",
+        "transformers_device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "transformers_dtype": args.dtype,
         "candidates": n,
         "prompt_tokens": max(len(p) for p in prompts.token_ids),
         "shared_prefix_tokens": prefix_tokens,
         "history_in_prompt": prompts.history_used,
         **{f"{k}_prompts_per_s": round(n / v, 1) for k, v in seconds.items()},
-        "prefix_cache_speedup": round(seconds["vllm_cache_off"] / seconds["vllm_cache_on"], 2),
     }
+    if "vllm" in args.backends:
+        result["prefix_cache_speedup"] = round(seconds["vllm_cache_off"] / seconds["vllm_cache_on"], 2)
     print(json.dumps(result, indent=2))
     return result
 

@@ -36,18 +36,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from workloads.data.preprocess import (
+from workloads.data.preprocess import LOCAL_CLUSTER_SYSTEM_CONFIG, build_examples, example_dataset
+from workloads.data.schema import N_AGE_BUCKETS, Action
+from workloads.data.synth import WorldConfig, generate
+from workloads.data.window import (
     EVENT_COLUMNS,
-    LOCAL_CLUSTER_SYSTEM_CONFIG,
     PreprocessConfig,
     SplitWindow,
-    build_examples,
-    example_dataset,
     resolve_window,
     validate_impressions,
 )
-from workloads.data.schema import N_AGE_BUCKETS, Action
-from workloads.data.synth import WorldConfig, generate
 
 MAX_HISTORY = 256
 HISTORY_FIELDS = [

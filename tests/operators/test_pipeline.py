@@ -26,8 +26,8 @@ from operators.pipeline import (
 )
 from tests.operators.conftest import as_model
 from workloads.brew.train import BrewTrainConfig
-from workloads.data.preprocess import PreprocessConfig
 from workloads.data.schema import COUNTER_FEATURES
+from workloads.data.window import PreprocessConfig
 from workloads.eval.gate import GateStageConfig
 from workloads.models.config import ALL_FEATURES, LiGRConfig
 from workloads.serve.config import validate_config

@@ -28,8 +28,8 @@ import pyarrow.dataset as pads
 from pydantic import BaseModel, ConfigDict, Field
 
 from workloads.brew.prompts import EntityKind, HistoryEvent, TaskTemplate, Templates
-from workloads.data.preprocess import Boundary, PreprocessConfig, impressions_path, resolve_window
 from workloads.data.schema import ACTION_COLUMNS, WORLD_TABLES, Action, PostType
+from workloads.data.window import Boundary, PreprocessConfig, impressions_path, resolve_window
 
 MAX_HISTORY_EVENTS = 512  # kept per example before token truncation; far more than any budget holds
 
@@ -37,7 +37,7 @@ MAX_HISTORY_EVENTS = 512  # kept per example before token truncation; far more t
 class TimeSplit(BaseModel):
     """Train on a window, evaluate on the period right after it (paper section 2.2, T1).
 
-    The same boundaries, with the same meaning, as `workloads.data.preprocess.PreprocessConfig`
+    The same boundaries, with the same meaning, as `workloads.data.window.PreprocessConfig`
     (a time, or a day offset: >= 0 from the world's start, < 0 from its end), resolved by the same
     function, so 360Brew and LiGR are evaluated on the same period.
     """

@@ -158,13 +158,11 @@ def train_tokenizer(corpus: Iterable[str], templates: Templates, vocab_size: int
     )
 
 
-def build_tiny_llama(out_dir: Path, corpus: Iterable[str], templates: Templates, shape: TinyLlama) -> Path:
-    """Write a random tiny Llama plus a tokenizer trained on `corpus` as an HF folder."""
-    tokenizer = train_tokenizer(corpus, templates, shape.vocab_size)
-    answer_token_ids(tokenizer, templates)  # fail here, not after training, if the answers split
-    special = int(tokenizer.convert_tokens_to_ids(SPECIAL_TOKEN))  # type: ignore[arg-type]
+def random_llama(shape: TinyLlama, vocab_size: int, special_token_id: int = 0) -> LlamaForCausalLM:
+    """A randomly initialised Llama of `shape` (seeded): the test decoder, and the benchmarks' stand-in
+    for a checkpoint whose weights are not at hand (throughput does not depend on the weights)."""
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size,
         hidden_size=shape.hidden_size,
         intermediate_size=shape.intermediate_size,
         num_hidden_layers=shape.num_layers,
@@ -172,12 +170,20 @@ def build_tiny_llama(out_dir: Path, corpus: Iterable[str], templates: Templates,
         num_key_value_heads=shape.num_heads,
         max_position_embeddings=shape.max_positions,
         tie_word_embeddings=True,
-        bos_token_id=special,
-        eos_token_id=special,
-        pad_token_id=special,
+        bos_token_id=special_token_id,
+        eos_token_id=special_token_id,
+        pad_token_id=special_token_id,
     )
     torch.manual_seed(shape.seed)
-    model = LlamaForCausalLM(config)
+    return LlamaForCausalLM(config)
+
+
+def build_tiny_llama(out_dir: Path, corpus: Iterable[str], templates: Templates, shape: TinyLlama) -> Path:
+    """Write a random tiny Llama plus a tokenizer trained on `corpus` as an HF folder."""
+    tokenizer = train_tokenizer(corpus, templates, shape.vocab_size)
+    answer_token_ids(tokenizer, templates)  # fail here, not after training, if the answers split
+    special = int(tokenizer.convert_tokens_to_ids(SPECIAL_TOKEN))  # type: ignore[arg-type]
+    model = random_llama(shape, len(tokenizer), special)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out_dir.parent))
     model.save_pretrained(tmp)

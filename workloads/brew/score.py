@@ -4,7 +4,8 @@ Two backends behind one `Scorer` protocol, chosen explicitly by `ScorerConfig.ba
 falls back silently, so a missing vLLM is an error, not a slower run:
 
 - ``transformers``: plain PyTorch forward passes, right-padded batches, the logit row at each
-  prompt's last real token. The reference, and the path for machines without vLLM.
+  prompt's last real token (only those rows are projected onto the vocabulary). The reference, and
+  the path for machines without vLLM; it runs on the GPU where there is one (``device``).
 - ``vllm``: vLLM's async engine (`AsyncLLMEngine`, an alias of `AsyncLLM`) with
   ``SamplingParams(max_tokens=1, temperature=0, logprob_token_ids=[yes, no])``: one decode step
   returns the log-probabilities of exactly the two answer tokens. Automatic prefix caching lets the
@@ -41,6 +42,9 @@ class ScorerConfig(BaseModel):
     backend: Literal["transformers", "vllm"] = "vllm"
     dtype: Literal["float32", "bfloat16"] = "float32"
     batch_size: int = Field(16, ge=1, description="transformers: prompts per forward pass")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="transformers: where the model runs; auto = the GPU where there is one"
+    )
     enable_prefix_caching: bool = True
     block_size: int = Field(
         32, ge=16, description="vLLM KV block (tokens); prefix caching reuses whole blocks"
@@ -77,7 +81,12 @@ class TransformersScorer:
         )
         if artifact.adapter_dir is not None:
             model = PeftModel.from_pretrained(model, artifact.adapter_dir)
+        if config.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("scorer.device: 'cuda' was asked for, but torch sees no GPU")
+        auto = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(auto if config.device == "auto" else config.device)
         self.model = model.eval()
+        self.model.to(self.device)
         self.yes, self.no = artifact.yes_token_id, artifact.no_token_id
         self.pad = int(model.config.pad_token_id or 0)
         self.batch_size = config.batch_size
@@ -93,9 +102,16 @@ class TransformersScorer:
             for row, i in enumerate(idx):
                 ids[row, : len(prompts[i])] = torch.tensor(prompts[i])
             mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
-            logits = self.model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
-            last = logits[torch.arange(len(idx)), lengths - 1].float()  # (B, V)
-            out[idx] = p_yes(last[:, self.yes].numpy(), last[:, self.no].numpy())
+            # Only each prompt's last position is projected onto the vocabulary: (B, T, V) logits for
+            # 16 prompts of 1,024 tokens would be 3 GiB, the answer rows are 3 MiB.
+            keep, where = torch.unique(lengths - 1, return_inverse=True)
+            logits = self.model(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                logits_to_keep=keep.to(self.device),
+            ).logits  # (B, len(keep), V)
+            last = logits[torch.arange(len(idx), device=self.device), where.to(self.device)].float()
+            out[idx] = p_yes(last[:, self.yes].cpu().numpy(), last[:, self.no].cpu().numpy())
         return out
 
     def close(self) -> None:

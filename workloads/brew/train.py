@@ -55,6 +55,7 @@ from workloads.brew.data import (
     load_world,
     resolve_periods,
 )
+from workloads.brew.loss import IGNORE, language_model_loss
 from workloads.brew.model import BaseModelSpec, answer_token_ids, load_tokenizer, resolve_base
 from workloads.brew.prompts import DEFAULT_TEMPLATES, Templates, Verbalizer, load_templates
 from workloads.data.atomic import atomic_dir
@@ -71,7 +72,6 @@ from workloads.train.sharding import (
     worker_scaling,
 )
 
-IGNORE = -100  # label value the causal LM loss skips
 STAGES = ("pretrain", "finetune")
 
 logger = logging.getLogger(__name__)
@@ -209,26 +209,6 @@ def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor
         target[i, : len(lab)] = torch.tensor(lab)
         mask[i, : len(r)] = 1
     return {"input_ids": input_ids, "attention_mask": mask, "labels": target}
-
-
-def language_model_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The causal LM loss over the batch's targets, with vocabulary logits only where a target needs them.
-
-    Stage 1 labels every token, so the model's own loss is used. In instruction tuning one answer token
-    per row is a target: projecting all positions onto the vocabulary (49k entries for SmolLM2) would
-    cost more memory than the rest of the step, so only the positions that predict a target are kept
-    (`logits_to_keep`); the mean cross-entropy is the same number the model's own loss gives.
-    """
-    labels = batch["labels"]
-    rows, cols = torch.nonzero(labels[:, 1:] != IGNORE, as_tuple=True)  # position t predicts token t + 1
-    keep = torch.unique(cols)  # sorted
-    if 2 * len(keep) > labels.shape[1]:  # most positions needed anyway (stage 1): the usual full loss
-        return model(**batch).loss
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep
-    ).logits  # (B, len(keep), V)
-    picked = logits[rows, torch.searchsorted(keep, cols)]
-    return torch.nn.functional.cross_entropy(picked.float(), labels[rows, cols + 1])
 
 
 class PadCollate(NumpyBatchCollateFn):

@@ -32,10 +32,10 @@ import ray
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt, field_validator
 
 from workloads.data.movielens import prepare as prepare_movielens
-from workloads.data.preprocess import PreprocessConfig
 from workloads.data.preprocess import run as preprocess
 from workloads.data.schema import TASKS, data_root
 from workloads.data.synth import SAME_TOPIC_PENALTY, WorldConfig, generate
+from workloads.data.window import PreprocessConfig
 from workloads.eval import history_reader
 from workloads.eval.evaluate import EvalConfig, Gate, read_examples, score_examples
 from workloads.eval.evaluate import run as evaluate

@@ -20,7 +20,7 @@ from workloads.brew.data import (
     resolve_periods,
 )
 from workloads.brew.prompts import Templates
-from workloads.data.preprocess import PreprocessConfig, resolve_window
+from workloads.data.window import PreprocessConfig, resolve_window
 
 
 def test_periods_are_the_preprocessing_split(tiny_world: Path, periods: Periods) -> None:

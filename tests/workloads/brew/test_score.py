@@ -80,6 +80,23 @@ def test_transformers_scores_are_the_two_token_softmax_whatever_the_batching(
     assert single[0] == pytest.approx(_p_yes_one(tiny_base, base_artifact, prompts[0]), abs=1e-6)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_transformers_scorer_refuses_cuda_without_a_gpu(base_artifact: BrewArtifact) -> None:
+    with pytest.raises(ValueError, match=r"scorer\.device: 'cuda'"):
+        TransformersScorer(base_artifact, ScorerConfig(backend="transformers", device="cuda"))
+    assert TransformersScorer(base_artifact, ScorerConfig(backend="transformers")).device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_transformers_scorer_runs_on_the_gpu_and_agrees_with_the_cpu(
+    base_artifact: BrewArtifact, prompts: list[list[int]]
+) -> None:
+    gpu = TransformersScorer(base_artifact, ScorerConfig(backend="transformers"))  # auto picks the GPU
+    cpu = TransformersScorer(base_artifact, ScorerConfig(backend="transformers", device="cpu"))
+    assert gpu.device.type == "cuda" and next(gpu.model.parameters()).is_cuda
+    np.testing.assert_allclose(gpu.score(prompts), cpu.score(prompts), atol=1e-4)
+
+
 @pytest.mark.slow
 def test_vllm_and_transformers_agree_on_a_lora_checkpoint(
     vllm_scorer: VLLMScorer, lora_artifact: BrewArtifact, prompts: list[list[int]], tiny_base: Path

@@ -13,18 +13,11 @@ from transformers import AutoModelForCausalLM
 
 from workloads.brew.artifact import load_artifact
 from workloads.brew.data import Periods
+from workloads.brew.loss import IGNORE, language_model_loss
 from workloads.brew.model import load_tokenizer
 from workloads.brew.prompts import Templates
 from workloads.brew.score import ScorerConfig, TransformersScorer
-from workloads.brew.train import (
-    IGNORE,
-    BrewTrainConfig,
-    _publish,
-    answer_only_example,
-    collate,
-    language_model_loss,
-    train,
-)
+from workloads.brew.train import BrewTrainConfig, _publish, answer_only_example, collate, train
 
 
 def test_loss_is_on_the_answer_token_only_predicted_from_the_last_prompt_position(tiny_base: Path) -> None:

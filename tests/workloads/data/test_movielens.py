@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from workloads.data import movielens
-from workloads.data.preprocess import validate_impressions
+from workloads.data.window import validate_impressions
 from workloads.data.schema import IMPRESSIONS, data_root
 
 

@@ -24,13 +24,12 @@ import pytest
 
 from workloads.data import preprocess
 from workloads.data.counters import counters_at
-from workloads.data.preprocess import (
+from workloads.data.preprocess import build_examples, run
+from workloads.data.window import (
     ImpressionLogError,
     PreprocessConfig,
     SplitWindow,
-    build_examples,
     resolve_window,
-    run,
     validate_impressions,
 )
 from workloads.data.schema import COUNTER_FEATURES, EXAMPLES, IMPRESSIONS, TS, Action, age_bucket_us

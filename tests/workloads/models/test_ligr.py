@@ -297,6 +297,23 @@ def test_actor_match_kernels_agree_with_the_eager_reference(impl: str) -> None:
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+def assert_same_logits_and_gradients(
+    reference: LiGRForRanking, other: LiGRForRanking, batch: RankingBatch
+) -> None:
+    """`other`, given `reference`'s weights, computes the same logits and every same gradient."""
+    other.load_state_dict(reference.state_dict())
+    expected, got = reference(batch), other(batch)
+    torch.testing.assert_close(got.logits, expected.logits, atol=1e-4, rtol=1e-4)
+    assert expected.loss is not None and got.loss is not None
+    expected.loss.backward()
+    got.loss.backward()
+    for (name, want), have in zip(reference.named_parameters(), other.parameters(), strict=True):
+        if want.grad is None:
+            assert have.grad is None, name
+        else:
+            torch.testing.assert_close(have.grad, want.grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
 @needs_gpu
 @pytest.mark.parametrize("head_dim", [8, 16, 128])
 def test_compiled_flex_attention_on_gpu_matches_eager_in_value_and_gradient(head_dim: int) -> None:
@@ -308,17 +325,21 @@ def test_compiled_flex_attention_on_gpu_matches_eager_in_value_and_gradient(head
     torch.manual_seed(0)
     reference = LiGRForRanking(tiny(attn_impl="eager", d_model=2 * head_dim)).cuda().train()
     flex = LiGRForRanking(tiny(attn_impl="auto", d_model=2 * head_dim)).cuda().train()
-    flex.load_state_dict(reference.state_dict())
-    expected, got = reference(batch), flex(batch)
-    torch.testing.assert_close(got.logits, expected.logits, atol=1e-4, rtol=1e-4)
-    assert expected.loss is not None and got.loss is not None
-    expected.loss.backward()
-    got.loss.backward()
-    for (name, want), have in zip(reference.named_parameters(), flex.parameters(), strict=True):
-        if want.grad is None:
-            assert have.grad is None, name
-        else:
-            torch.testing.assert_close(have.grad, want.grad, atol=1e-4, rtol=1e-3, msg=name)
+    assert_same_logits_and_gradients(reference, flex, batch)
+
+
+@needs_gpu
+@pytest.mark.parametrize("d_model", [32, 64])
+def test_actor_match_with_compiled_flex_on_gpu_matches_eager_in_value_and_gradient(d_model: int) -> None:
+    """actor_match widens q and k past v (head dim + actor embedding): compiled FlexAttention must take it.
+
+    64 x 2 heads is the configuration of the history experiments (docs/models.md, claim 3).
+    """
+    batch = random_batch(seed=7, n_rows=3, hist_len=(3, 12)).to("cuda")
+    torch.manual_seed(0)
+    reference = LiGRForRanking(tiny(attn_impl="eager", d_model=d_model, actor_match=True)).cuda().train()
+    flex = LiGRForRanking(tiny(attn_impl="auto", d_model=d_model, actor_match=True)).cuda().train()
+    assert_same_logits_and_gradients(reference, flex, batch)
 
 
 @needs_gpu
