@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from operators.api.v1alpha1 import (
     GateReference,
+    LlmDeployment,
     ModelKind,
     ModelSize,
     ModelSpec,
@@ -140,6 +141,7 @@ def ligr_model_config(model: ModelSpec) -> dict[str, Any]:
         # rates as log-odds: on log1p a rate's spread is a twentieth of an embedding's (docs/models.md)
         **({"counter_scale": "log_odds"} if model.counters else {}),
         **({"actor_match": True} if model.actor_match else {}),
+        **({"setwise_actor_match": True} if model.setwise_actor_match else {}),
     }
 
 
@@ -281,6 +283,17 @@ def scorer_deployment(version: ModelVersion, serving: ServingSpec) -> dict[str, 
     }
 
 
+def llm_scorer_config(llm: LlmDeployment) -> dict[str, Any]:
+    """serving.llm as the LLM deployment's workloads.brew.score.ScorerConfig."""
+    return {
+        "backend": llm.backend.value,
+        "dtype": llm.dtype.value,
+        "device": "cuda" if llm.gpus else "cpu",
+        "max_model_len": llm.max_model_len,
+        "enable_prefix_caching": llm.prefix_caching,
+    }
+
+
 def serve_config(
     model_name: str, version: ModelVersion, serving: ServingSpec, resolve: Resolve
 ) -> dict[str, Any]:
@@ -299,6 +312,7 @@ def serve_config(
     }
     if brew:  # 360Brew verbalizes members and items from the world's tables
         args["world_dir"] = resolve(version.data_source)
+        args["llm_scorer"] = llm_scorer_config(serving.llm)
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": "0.0.0.0", "port": SERVE_PORT},

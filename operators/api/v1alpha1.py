@@ -114,6 +114,16 @@ class Sharding(StrEnum):
     FSDP = "fsdp"
 
 
+class LlmBackend(StrEnum):
+    VLLM = "vllm"  # vLLM's engine: prefix caching, LoRA; the CPU build when the replica has no GPU
+    TRANSFORMERS = "transformers"  # plain PyTorch forward passes, for an image without vLLM
+
+
+class LlmDtype(StrEnum):
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+
+
 class GateMetric(StrEnum):
     AUC = "auc"  # higher is better
     NORMALIZED_ENTROPY = "normalized_entropy"  # lower is better; lift is the relative reduction
@@ -260,6 +270,17 @@ class ModelSpec(_Api):
             "model.actorMatch needs actor_id among model.features (it matches actor embeddings)",
             ".actorMatch",
         ),
+        cel(
+            "self.kind == 'ligr' || !has(self.setwiseActorMatch)",
+            "model.setwiseActorMatch applies only to model.kind ligr",
+            ".setwiseActorMatch",
+        ),
+        cel(
+            "!has(self.setwiseActorMatch) || !self.setwiseActorMatch || (self.setwise"
+            " && (!has(self.features) || self.features.exists(f, f == 'actor_id')))",
+            "model.setwiseActorMatch needs setwise: true and actor_id among model.features",
+            ".setwiseActorMatch",
+        ),
     )
 
     kind: ModelKind = Field(
@@ -304,6 +325,13 @@ class ModelSpec(_Api):
         "candidate's actor, with a learned weight per head, so that at small data scale AUC keeps growing "
         "with historyLength (docs/models.md, claim 3). Needs actor_id among the features; training is slower "
         "(wider attention heads). Default: off, the paper's attention.",
+    )
+    setwise_actor_match: bool | None = Field(
+        None,
+        description="ligr only, beyond the paper: set-wise attention also scores whether another candidate "
+        "within a few slots has the same actor, and may attend to nothing, so the top candidates learn "
+        "rules like 'no two posts of one actor in a row' from the labels (docs/models.md, claim 2). Needs "
+        "setwise and actor_id among the features. Default: off, the paper's set-wise attention.",
     )
 
 
@@ -440,6 +468,28 @@ class LlmDeployment(_Api):
     )
     gpus: int = Field(0, ge=0, le=8, description="GPUs per LLM replica; 0 runs vLLM's CPU build.")
     node_pool: NodePool = Field(default_factory=NodePool, description="Node pool the LLM replicas land on.")
+    backend: LlmBackend = Field(
+        LlmBackend.VLLM,
+        description="vllm: vLLM's engine (its CPU build when gpus is 0); transformers: plain PyTorch forward "
+        "passes on the replica's GPU if it has one, for images without vLLM. Never switched silently.",
+    )
+    dtype: LlmDtype = Field(
+        LlmDtype.FLOAT32,
+        description="Precision of the LLM's weights and activations. bfloat16 halves its memory and, on an "
+        "H100, scores 2.5-3.5x the prompts/s of float32 (docs/benchmarks.md).",
+    )
+    max_model_len: int = Field(
+        2048,
+        ge=64,
+        le=131072,
+        description="Longest prompt in tokens the engine accepts (the trained context budget plus the "
+        "question); it sizes vLLM's scheduler and KV cache.",
+    )
+    prefix_caching: bool = Field(
+        True,
+        description="vLLM automatic prefix caching: the candidates of one member reuse the encoded "
+        "profile and history instead of encoding them once per candidate.",
+    )
 
 
 class ServingSpec(_Api):
@@ -527,7 +577,9 @@ class RankingModelSpec(_Api):
         # fields added after the API's first release count only when set: an operator upgrade that
         # adds a field must not retrain every model
         unset_new = {
-            name for name in ("features", "counters", "actor_match") if getattr(self.model, name) is None
+            name
+            for name in ("features", "counters", "actor_match", "setwise_actor_match")
+            if getattr(self.model, name) is None
         }
         trained = self.model_dump(
             mode="json",

@@ -25,6 +25,7 @@ from operators.pipeline import (
     stages,
 )
 from tests.operators.conftest import as_model
+from workloads.brew.score import ScorerConfig
 from workloads.brew.train import BrewTrainConfig
 from workloads.data.schema import COUNTER_FEATURES
 from workloads.data.window import PreprocessConfig
@@ -128,11 +129,12 @@ def test_without_features_and_counters_a_ligr_model_reads_all_five_and_no_counte
     )
 
 
-@pytest.mark.parametrize("actor_match", [None, False, True])
-def test_actor_match_reaches_the_model_only_when_asked_for(actor_match: bool | None) -> None:
-    spec = ModelSpec(kind="ligr", features=["actor_id", "content"], actor_match=actor_match)
+@pytest.mark.parametrize("switch", ["actor_match", "setwise_actor_match"])
+@pytest.mark.parametrize("value", [None, False, True])
+def test_actor_match_reaches_the_model_only_when_asked_for(switch: str, value: bool | None) -> None:
+    spec = ModelSpec.model_validate({"kind": "ligr", "features": ["actor_id", "content"], switch: value})
     config = LiGRConfig.model_validate(ligr_model_config(spec))
-    assert config.actor_match is bool(actor_match)
+    assert getattr(config, switch) is bool(value)
 
 
 def test_the_apis_features_and_counters_are_the_models() -> None:
@@ -183,6 +185,28 @@ def test_the_serve_config_is_one_the_serving_graph_accepts(example: str, tmp_pat
     scorer = SCORER_DEPLOYMENT if version.kind == "ligr" else LLM_DEPLOYMENT
     assert [d["name"] for d in application["deployments"]] == [scorer]
     assert args.model_version == "v4" and args.artifact_uri == resolve(version.artifact_uri)
+
+
+def test_serving_llm_settings_reach_the_llm_deployments_scorer() -> None:
+    """serving.llm's backend, dtype, context and prefix caching become the BrewScorer's ScorerConfig;
+    a GPU replica scores on the GPU, a CPU one never picks up a GPU by accident."""
+    manifest = yaml.safe_load((EXAMPLES / "jobs-brew.yaml").read_text())
+    manifest["spec"]["serving"]["llm"].update(
+        {"backend": "transformers", "dtype": "bfloat16", "maxModelLen": 4096, "prefixCaching": False}
+    )
+    model = as_model(manifest, generation=4)
+    version = new_version(model.spec, "jobs-brew", 4)
+    (application,) = serve_config("jobs-brew", version, model.spec.serving, resolve_storage)["applications"]
+    scorer = ScorerConfig.model_validate(GraphArgs.model_validate(application["args"]).llm_scorer)
+    assert (scorer.backend, scorer.dtype, scorer.device) == ("transformers", "bfloat16", "cuda")
+    assert (scorer.max_model_len, scorer.enable_prefix_caching) == (4096, False)
+
+    manifest["spec"]["serving"]["llm"] = {"enabled": True}  # the defaults: vLLM's CPU build in float32
+    model = as_model(manifest, generation=4)
+    (application,) = serve_config("jobs-brew", version, model.spec.serving, resolve_storage)["applications"]
+    scorer = ScorerConfig.model_validate(GraphArgs.model_validate(application["args"]).llm_scorer)
+    assert (scorer.backend, scorer.dtype, scorer.device) == ("vllm", "float32", "cpu")
+    assert (scorer.max_model_len, scorer.enable_prefix_caching) == (2048, True)
 
 
 def test_a_stage_summary_is_the_last_json_object_line() -> None:

@@ -139,6 +139,24 @@ BAD: dict[str, tuple[Edit, str, str, str]] = {
         "cel",
         "needs actor_id among model.features",
     ),
+    "set-wise actor match on a brew model": (
+        _set("spec.model", {"kind": "brew", "baseModel": "/models/llm", "setwiseActorMatch": True}),
+        "spec.model.setwiseActorMatch",
+        "cel",
+        "only to model.kind ligr",
+    ),
+    "set-wise actor match without the set-wise layer": (
+        _set("spec.model", {"kind": "ligr", "setwise": False, "setwiseActorMatch": True}),
+        "spec.model.setwiseActorMatch",
+        "cel",
+        "needs setwise: true and actor_id",
+    ),
+    "set-wise actor match without the actor feature": (
+        _set("spec.model", {"kind": "ligr", "features": ["content"], "setwiseActorMatch": True}),
+        "spec.model.setwiseActorMatch",
+        "cel",
+        "needs setwise: true and actor_id",
+    ),
     "unknown counter": (
         _set("spec.model.counters", ["ctr"]),
         "spec.model.counters[0]",
@@ -163,6 +181,18 @@ BAD: dict[str, tuple[Edit, str, str, str]] = {
         "spec.serving.llm.enabled",
         "cel",
         "exactly when model.kind is brew",
+    ),
+    "an LLM dtype vLLM and the scorer do not take": (
+        _set("spec.serving.llm.dtype", "float16"),
+        "spec.serving.llm.dtype",
+        "schema",
+        "'bfloat16'",
+    ),
+    "an LLM context too short for any prompt": (
+        _set("spec.serving.llm.maxModelLen", 32),
+        "spec.serving.llm.maxModelLen",
+        "schema",
+        "",
     ),
     "window out of order": (
         _set("spec.data.window", {"start": "2026-03-01T00:00:00Z", "trainEnd": "2026-02-01T00:00:00Z"}),

@@ -70,6 +70,15 @@ class BrewScoreResponse(BaseModel):
 app = FastAPI(title="rankray 360Brew scorer")
 
 
+def check_engine_fits(prompt_budget: int, config: ScorerConfig) -> None:
+    """Refuse at deploy time a vLLM engine shorter than the prompts: it would fail every long request."""
+    if config.backend == "vllm" and prompt_budget >= config.max_model_len:  # + the one answer token
+        raise ValueError(
+            f"scorer.max_model_len={config.max_model_len} must exceed the prompt budget "
+            f"max_context_tokens={prompt_budget} the model was trained with"
+        )
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 1})
 @serve.ingress(app)
 class BrewScorer:
@@ -97,6 +106,7 @@ class BrewScorer:
         budget = max_context_tokens or self.artifact.max_context_tokens
         self.verbalizer = Verbalizer(self.templates, tokenizer, budget)
         self.config = ScorerConfig.model_validate(scorer or {})
+        check_engine_fits(budget, self.config)
         if self.config.backend == "vllm":
             self.engine: VLLMEngine | None = VLLMEngine(self.artifact, self.config)
             self.reference: TransformersScorer | None = None

@@ -91,6 +91,16 @@ class ExperimentConfig(BaseModel):
         le=0.9,
         description="the set-wise worlds' burst_rate: how often a slot shows the previous slot's actor again",
     )
+    scaling_features: Literal["all", "seven"] = Field(
+        "all", description="the scaling experiment's LiGR inputs: all features, or claim 1's seven"
+    )
+    scaling_actor_match: bool = Field(
+        False,
+        description="scaling with actor_match on; the history curve is then also drawn without it",
+    )
+    setwise_actor_match: bool = Field(
+        False, description="the set-wise experiment's arms: setwise_actor_match and its self-only control"
+    )
     seed: int = 0
     out: Path = Field(default_factory=lambda: data_root() / "experiments")
     img_dir: Path = Path("docs/img")
@@ -248,19 +258,30 @@ def baseline(lab: Lab) -> dict[str, Any]:
 def setwise(lab: Lab) -> dict[str, Any]:
     """Set-wise attention on / off in worlds with and without the set-level effect, and two controls
     that keep the set-wise layer: without its slot-distance bias (is the gain the world's position
-    bias?), and with each candidate reading only itself (is the gain just the extra depth and loss?)."""
-    arms: dict[str, dict[str, Any]] = {
-        "on": {},
-        "on, no slot bias": {"setwise_slot_bias": False},
-        "on, self only": {"setwise_context": "self"},
-        "off": {"setwise": False},
-    }
-    labels = {
-        "on": "ligr",
-        "on, no slot bias": "ligr-noslot",
-        "on, self only": "ligr-selfonly",
-        "off": "ligr-pointwise",
-    }
+    bias?), and with each candidate reading only itself (is the gain just the extra depth and loss?).
+
+    With ``setwise_actor_match`` the arms are that extension and its self-only control, evaluated as a
+    pair (the same candidates; the interval of their difference)."""
+    arms: dict[str, dict[str, Any]]
+    if lab.cfg.setwise_actor_match:
+        match: dict[str, Any] = {"setwise_actor_match": True}
+        arms = {"on, actor match": match, "on, actor match, self only": {**match, "setwise_context": "self"}}
+        labels = {"on, actor match": "ligr-setmatch", "on, actor match, self only": "ligr-setmatch-selfonly"}
+        control, compared = "on, actor match, self only", ["on, actor match"]
+    else:
+        arms = {
+            "on": {},
+            "on, no slot bias": {"setwise_slot_bias": False},
+            "on, self only": {"setwise_context": "self"},
+            "off": {"setwise": False},
+        }
+        labels = {
+            "on": "ligr",
+            "on, no slot bias": "ligr-noslot",
+            "on, self only": "ligr-selfonly",
+            "off": "ligr-pointwise",
+        }
+        control, compared = "off", ["on", "on, no slot bias", "on, self only"]
     rows: list[dict[str, Any]] = []
     probe: list[dict[str, Any]] = []
     for effect in lab.cfg.setwise_effects:
@@ -270,17 +291,28 @@ def setwise(lab: Lab) -> dict[str, Any]:
             arm: lab.train(labels[arm], lab.ligr(**overrides), examples, world, lab.cfg.epochs)
             for arm, overrides in arms.items()
         }
-        report = lab.evaluate(f"setwise-{effect}", list(artifacts.values()), examples)
+        name = f"setwise-{effect}" + ("-match" if lab.cfg.setwise_actor_match else "")
+        report = lab.evaluate(
+            name, [artifacts[arm] for arm in compared], examples, baseline=artifacts[control]
+        )
         probe += setwise_probe(effect, artifacts, examples)
-        metrics = {arm: _overall(report, path)["overall"] for arm, path in artifacts.items()}
+        metrics = {arm: _overall(report, path) for arm, path in artifacts.items()}
         for arm in arms:
-            rows.append({"world_setwise_effect": effect, "setwise_attention": arm, **_pick(metrics[arm])})
-        for arm in ("on", "on, no slot bias", "on, self only"):
+            rows.append(
+                {"world_setwise_effect": effect, "setwise_attention": arm, **_pick(metrics[arm]["overall"])}
+            )
+        for arm in compared:
+            paired = metrics[arm].get("vs_baseline") or {}
             rows.append(
                 {
                     "world_setwise_effect": effect,
-                    "setwise_attention": f"{arm} - off",
-                    **{m: metrics[arm][m] - metrics["off"][m] for m in AUCS},
+                    "setwise_attention": f"{arm} - {control}",
+                    **{m: metrics[arm]["overall"][m] - metrics[control]["overall"][m] for m in AUCS},
+                    **{
+                        f"{task}_ci95": [paired[task]["ci95_low"], paired[task]["ci95_high"]]
+                        for task in ("long_dwell", "contribution")
+                        if task in paired
+                    },
                 }
             )
     return {"rows": rows, "probe": probe}
@@ -324,7 +356,7 @@ def setwise_probe(effect: float, artifacts: dict[str, Path], examples: Path) -> 
                     "response_same_topic": float(long_dwell[same_topic & ~same_actor].mean() - plain),
                 }
             )
-        if arm == "on, self only":
+        if arm.endswith("self only"):
             probs = np.clip(scored.probs.astype(np.float64), 1e-7, 1 - 1e-7)
             truth = -effect * (same_actor + SAME_TOPIC_PENALTY * same_topic)
             logits = np.log(probs / (1 - probs)) + truth[:, None]
@@ -336,23 +368,34 @@ def setwise_probe(effect: float, artifacts: dict[str, Path], examples: Path) -> 
 
 
 def scaling(lab: Lab) -> dict[str, Any]:
+    """Claim 3: AUC against history length and model size, with DCNv2 and the counting reader as lines."""
     world = lab.world()
     examples = lab.examples(world)
-    by_history = []
-    for history in HISTORY_LENGTHS:
-        artifact = lab.train("ligr", lab.ligr(max_history=history), examples, world, lab.cfg.epochs)
-        overall = _overall(lab.evaluate(f"history-{history}", [artifact], examples), artifact)["overall"]
-        by_history.append({"history": history, **_pick(overall)})
+    features = SEVEN_FEATURES if lab.cfg.scaling_features == "seven" else {}
+    match = {"actor_match": True} if lab.cfg.scaling_actor_match else {}
+    label = "ligr7" if features else "ligr"
+
+    def history_curve(overrides: dict[str, Any], name: str) -> list[dict[str, Any]]:
+        points = []
+        for history in HISTORY_LENGTHS:
+            model = lab.ligr(**features, **overrides, max_history=history)
+            artifact = lab.train(label, model, examples, world, lab.cfg.epochs)
+            overall = _overall(lab.evaluate(f"{name}-{history}", [artifact], examples), artifact)["overall"]
+            points.append({"history": history, **_pick(overall)})
+        return points
+
+    by_history = history_curve(match, "history-match" if match else "history")
+    # with actor_match, the paper's plain attention on the same examples is the curve to compare with
+    plain_by_history = history_curve({}, "history") if match else []
     # what the same examples reward at each length when read by counts instead of learned embeddings
     reader = history_reader.run(HistoryReaderConfig(examples_dir=examples, lengths=list(HISTORY_LENGTHS)))
     reader_by_history = [{k: row[k] for k in ("history", *AUCS)} for row in reader]
     by_size = []
     for d_model, n_layers in MODEL_SIZES:
-        model = lab.ligr(d_model=d_model, n_layers=n_layers, id_dim=d_model // 2)
-        artifact = lab.train("ligr", model, examples, world, lab.cfg.epochs)
-        overall = _overall(lab.evaluate(f"size-{d_model}x{n_layers}", [artifact], examples), artifact)[
-            "overall"
-        ]
+        model = lab.ligr(**features, **match, d_model=d_model, n_layers=n_layers, id_dim=d_model // 2)
+        artifact = lab.train(label, model, examples, world, lab.cfg.epochs)
+        name = f"size-{d_model}x{n_layers}" + ("-match" if match else "")
+        overall = _overall(lab.evaluate(name, [artifact], examples), artifact)["overall"]
         params = dense_params(build_model(LiGRConfig.model_validate(model)))
         by_size.append({"d_model": d_model, "n_layers": n_layers, "dense_params": params, **_pick(overall)})
     # The production baseline trained for as many epochs, drawn as the line LiGR has to cross (claim 1).
@@ -361,18 +404,22 @@ def scaling(lab: Lab) -> dict[str, Any]:
     )
     reference = _pick(_overall(lab.evaluate("scaling-dcnv2", [dcn], examples), dcn)["overall"])
     epochs = f"{lab.cfg.epochs} epoch" + ("s" if lab.cfg.epochs > 1 else "")
-    title = f"LiGR on {lab.cfg.members} members, {epochs}, against DCNv2 trained as long"
+    model_name = "LiGR" + (" (7 features)" if features else "") + (" + actor_match" if match else "")
+    title = f"{model_name} on {lab.cfg.members} members, {epochs}, against DCNv2 trained as long"
+    suffix = ("_seven" if features else "") + ("_match" if match else "")
     plot = scaling_plot(
         by_history,
         by_size,
-        lab.cfg.img_dir / "ligr_scaling.png",
+        lab.cfg.img_dir / f"ligr_scaling{suffix}.png",
         title=title,
         reference=reference,
         reference_label="DCNv2",
         reader=reader_by_history,
+        plain=plain_by_history,
     )
     return {
         "by_history": by_history,
+        "plain_by_history": plain_by_history,
         "reader_by_history": reader_by_history,
         "by_size": by_size,
         "dcnv2": reference,
@@ -488,7 +535,7 @@ def report_markdown(results: dict[str, Any]) -> str:
         if name == "settings":
             continue
         parts.append(f"### {name}\n")
-        for key in ("rows", "probe", "by_history", "reader_by_history", "by_size"):
+        for key in ("rows", "probe", "by_history", "plain_by_history", "reader_by_history", "by_size"):
             if key in result:
                 parts.append(markdown_table(result[key]) + "\n")
         for key in ("lift_percent", "plot", "epochs"):

@@ -27,12 +27,14 @@ def scaling_plot(
     reference: Mapping[str, float] | None = None,
     reference_label: str = "baseline",
     reader: Sequence[dict[str, float]] = (),
+    plain: Sequence[dict[str, float]] = (),
 ) -> Path:
     """Two panels: AUC against history length, and AUC against dense parameters (log scale).
 
     Each point is a dict with ``history`` or ``dense_params`` and the metric values; ``reference``
     (a baseline's metrics) is drawn as a dashed line per metric in the same colour, ``reader`` (the
-    counting reader's AUC per history length, ``workloads.eval.history_reader``) as a dotted one.
+    counting reader's AUC per history length, ``workloads.eval.history_reader``) as a dotted one, and
+    ``plain`` (the same LiGR without ``actor_match``, per history length) as a dash-dotted one.
     """
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for metric in metrics:
@@ -41,6 +43,14 @@ def scaling_plot(
             [p["history"] for p in by_history], [p[metric] for p in by_history], "o-", label=label
         )
         right.plot([p["dense_params"] for p in by_size], [p[metric] for p in by_size], "o-", label=label)
+        if plain:
+            left.plot(
+                [p["history"] for p in plain],
+                [p[metric] for p in plain],
+                "^-.",
+                color=line[0].get_color(),
+                label=f"{label}, without actor_match",
+            )
         if reader:
             left.plot(
                 [p["history"] for p in reader],

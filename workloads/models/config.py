@@ -97,6 +97,10 @@ class SequenceRankerConfig(_Optim):
     # key dimensions, a learned gain per head), so a candidate can pick out its actor's past events with
     # little data; off reproduces the paper's attention (docs/models.md, claim 3)
     actor_match: bool = False
+    # beyond the paper, for set-wise attention: the candidates score "same actor" the same way, and a
+    # learned sink token lets a candidate attend to nothing when no other candidate repeats its actor
+    # (the rule set-wise attention replaced: "two items between posts of one actor", 3.2)
+    setwise_actor_match: bool = False
 
     @field_validator("n_heads")
     @classmethod
@@ -137,6 +141,12 @@ class SequenceRankerConfig(_Optim):
             raise ValueError("actor_match: matches actor embeddings, so use_features must include actor_id")
         if self.actor_match and not isinstance(self, LiGRConfig):
             raise ValueError(f"actor_match: only LiGR's attention implements it, not {type(self).__name__}")
+        if self.setwise_actor_match and not (self.setwise and "actor_id" in self.use_features):
+            raise ValueError("setwise_actor_match: needs setwise: true and actor_id among use_features")
+        if self.setwise_actor_match and not isinstance(self, LiGRConfig):
+            raise ValueError(
+                f"setwise_actor_match: only LiGR's attention implements it, not {type(self).__name__}"
+            )
         return self
 
 

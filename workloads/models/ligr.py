@@ -167,6 +167,13 @@ def candidate_features(batch: RankingBatch) -> dict[str, Tensor | None]:
 # --- Attention masks from session ids ------------------------------------------------------------------
 
 MATCH_GAIN_SCALE = 10.0  # the match gain learns at 10x the dense learning rate (Adam steps ~ lr)
+# set-wise actor match starts at +10 logits for a candidate of the same actor within two slots (the rule
+# set-wise attention replaced: "a minimum gap of two items between posts by the same actor", 3.2) and 0
+# farther away, so a near repeat takes the attention from the sink at the first step; from the history's
+# +1 the readout and the gain would both have to grow from near zero
+SETWISE_MATCH_GAIN_INIT = 1.0
+SETWISE_MATCH_NEAR = (-2, -1, 1, 2)  # slot distances that start with the gain
+SINK_SLOT = -(10**6)  # the set-wise sink token's slot: farther from every candidate than any other
 ITEM, ACTION, CANDIDATE = 0, 1, 2  # token kinds
 TARGET_SESSION = 1 << 40  # the candidates' session: later than every history session
 
@@ -259,6 +266,7 @@ class AttentionMask:
         self._dense: Tensor | None = None
         self._block: BlockMask | None = None
         self.match_keys: Tensor | None = None  # (B, L, E) unit vectors; see MultiHeadAttention.match_gain
+        self.match_cosine: Tensor | None = None  # (B, L, L), the set-wise form; see MultiHeadAttention.bias
 
     def dense(self) -> Tensor:  # (B, L, L) bool
         if self._dense is None:
@@ -301,6 +309,14 @@ class RelativeBucketBias(nn.Module):
         # an embedding lookup rather than ``bias[:, bucket]``: on a GPU the backward of that indexing adds
         # B*L*L gradients into nh*n_buckets cells one atomic add at a time; embedding's backward sorts
         return F.embedding(bucket, self.bias.t()).permute(0, 3, 1, 2)  # (B, L, L, nh) -> (B, nh, L, L)
+
+
+def near_slot_match(n_heads: int, n_buckets: int) -> RelativeBucketBias:
+    """Set-wise actor match gains by slot distance: ``SETWISE_MATCH_GAIN_INIT`` within two slots, else 0."""
+    gains = RelativeBucketBias(n_heads, n_buckets)
+    with torch.no_grad():
+        gains.bias[:, relative_buckets(torch.tensor(SETWISE_MATCH_NEAR), n_buckets)] = SETWISE_MATCH_GAIN_INIT
+    return gains
 
 
 # --- Attention kernels, chosen by name --------------------------------------------------------------
@@ -394,6 +410,7 @@ class MultiHeadAttention(nn.Module):
         attn_impl: str,
         rel_bias: RelativeBucketBias | None = None,
         match: bool = False,
+        slot_match: RelativeBucketBias | None = None,
     ) -> None:
         super().__init__()
         self.n_heads, self.attn_impl = n_heads, attn_impl
@@ -404,6 +421,8 @@ class MultiHeadAttention(nn.Module):
         self.rel_bias = rel_bias
         # per head, the logit bonus (x MATCH_GAIN_SCALE) for a key whose match key equals the query's
         self.match_gain = nn.Parameter(torch.full((n_heads,), 0.1)) if match else None
+        # set-wise: the same bonus per unit of actor cosine, per head and slot distance (near_slot_match)
+        self.slot_match = slot_match
 
     def with_match(self, q: Tensor, k: Tensor, mask: AttentionMask) -> tuple[Tensor, Tensor]:
         """Append the match keys to q and k so that q k^T / sqrt(d) gains gain_h * <m_q, m_k>."""
@@ -416,6 +435,16 @@ class MultiHeadAttention(nn.Module):
         k = torch.cat([k, m.expand(-1, self.n_heads, -1, -1)], dim=-1)
         return q, k
 
+    def bias(self, mask: AttentionMask) -> Tensor | None:
+        """(B, nh, L, L) added to the scores: the slot-distance bias, and gain_h * cos(actor_q, actor_k)
+        by slot distance where the mask carries pairwise actor cosines (set-wise: short sets, a dense
+        bias is cheap)."""
+        bias = None if self.rel_bias is None else self.rel_bias(mask.position)
+        if self.slot_match is not None and mask.match_cosine is not None:
+            match = MATCH_GAIN_SCALE * self.slot_match(mask.position) * mask.match_cosine[:, None]
+            bias = match if bias is None else bias + match
+        return bias
+
     def heads(self, t: Tensor) -> Tensor:  # (B, L, D) -> (B, nh, L, hd)
         B, L, D = t.shape
         return t.view(B, L, self.n_heads, D // self.n_heads).transpose(1, 2)
@@ -423,8 +452,7 @@ class MultiHeadAttention(nn.Module):
     def forward(self, x: Tensor, mask: AttentionMask) -> Tensor:  # x: (B, L, D)
         q, k, v = self.heads(self.q_proj(x)), self.heads(self.k_proj(x)), self.heads(self.v_proj(x))
         q, k = self.with_match(q, k, mask)
-        bias = None if self.rel_bias is None else self.rel_bias(mask.position)  # (B, nh, L, L)
-        y = attention_function(self.attn_impl, x.device)(q, k, v, mask, bias)  # (B, nh, L, hd)
+        y = attention_function(self.attn_impl, x.device)(q, k, v, mask, self.bias(mask))  # (B, nh, L, hd)
         return self.o_proj(y.transpose(1, 2).reshape(x.shape))
 
     def weights(self, x: Tensor, mask: AttentionMask) -> Tensor:
@@ -432,8 +460,9 @@ class MultiHeadAttention(nn.Module):
         materialize it). ``o_proj(weights @ v)`` is ``forward``'s output."""
         q, k = self.with_match(self.heads(self.q_proj(x)), self.heads(self.k_proj(x)), mask)
         scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
-        if self.rel_bias is not None:
-            scores = scores + self.rel_bias(mask.position)
+        bias = self.bias(mask)
+        if bias is not None:
+            scores = scores + bias
         return torch.softmax(scores.masked_fill(~mask.dense()[:, None], float("-inf")), dim=-1)
 
 
@@ -462,10 +491,11 @@ class GatedBlock(nn.Module):
         attn_impl: str,
         rel_bias: RelativeBucketBias | None = None,
         match: bool = False,
+        slot_match: RelativeBucketBias | None = None,
     ) -> None:
         super().__init__()
         self.attn_norm = nn.LayerNorm(d_model)
-        self.attn = MultiHeadAttention(d_model, n_heads, attn_impl, rel_bias, match)
+        self.attn = MultiHeadAttention(d_model, n_heads, attn_impl, rel_bias, match, slot_match)
         self.attn_gate = nn.Linear(d_model, d_model, bias=False)
         self.ffn_norm = nn.LayerNorm(d_model)
         self.ffn = FeedForward(d_model, ffn_mult)
@@ -579,6 +609,9 @@ class GenerativeRanker(RankingModel):
             self.setwise_norm = nn.LayerNorm(cfg.d_model)
             self.setwise_head = TaskHeads(cfg.d_model)
         self.apply(init_weights)
+        if cfg.setwise and cfg.setwise_actor_match:
+            # a token every candidate may attend to instead of another candidate (its "nothing repeats")
+            self.setwise_sink = nn.Parameter(torch.randn(cfg.d_model) * cfg.d_model**-0.5)
         if cfg.hashed_id_init == "dlrm":
             for module in self.modules():
                 if isinstance(module, HashedEmbedding):
@@ -593,26 +626,48 @@ class GenerativeRanker(RankingModel):
         return self.backbone(batch)[1]
 
     def setwise_correction(
-        self, cand_states: Tensor, cand_mask: Tensor, slots: Tensor | None = None
+        self,
+        cand_states: Tensor,
+        cand_mask: Tensor,
+        slots: Tensor | None = None,
+        actor_ids: Tensor | None = None,
     ) -> Tensor:
         """(B, S, T): the candidates of one session attend to each other; the result is added to pointwise.
 
         ``slots`` (B, S) are the positions the candidates are shown in; None means in the order given.
+        ``actor_ids`` (B, S) are needed with ``setwise_actor_match``, which also puts the sink first.
         """
+        x, cosine = cand_states, None
+        if self.cfg.setwise_actor_match:
+            if actor_ids is None:
+                raise ValueError("setwise_correction: setwise_actor_match needs the candidates' actor_ids")
+            B, S, _ = x.shape
+            actors = F.normalize(self.backbone.items.features["actor_id"](actor_ids), dim=-1)  # (B, S, E)
+            # a candidate's own actor is no news: only the others' count, so with no repeat it reads the sink
+            others = ~torch.eye(S, dtype=torch.bool, device=x.device)
+            cosine = F.pad((actors @ actors.transpose(1, 2)) * others, (1, 0, 1, 0))  # the sink matches none
+            x = torch.cat([self.setwise_sink.expand(B, 1, -1), x], dim=1)
+            cand_mask = F.pad(cand_mask, (1, 0), value=True)
+            if slots is None:
+                slots = torch.arange(S, device=x.device).expand(B, S)
+            slots = F.pad(slots, (1, 0), value=SINK_SLOT)
         layout = TokenLayout.one_session(cand_mask, slots)
         context = layout.in_session() if self.cfg.setwise_context == "session" else layout.alone()
         mask = AttentionMask(context, layout)
-        x = cand_states
+        mask.match_cosine = cosine
         for block in self.setwise_blocks:
             x = block(x, mask)
-        return self.setwise_head(self.setwise_norm(x))
+        logits = self.setwise_head(self.setwise_norm(x))
+        return logits if cosine is None else logits[:, 1:]
 
     def forward(self, batch: RankingBatch) -> RankingOutput:
         hist_states, cand_states = self.backbone(batch)
         pointwise = self.pointwise_head(cand_states)  # (B, S, T)
         setwise = None
         if self.cfg.setwise:
-            setwise = self.setwise_correction(cand_states, batch.cand_mask, batch.cand_position)
+            setwise = self.setwise_correction(
+                cand_states, batch.cand_mask, batch.cand_position, batch.cand_actor_id
+            )
         logits = pointwise if setwise is None else pointwise + setwise
         loss = None
         if batch.labels is not None:
@@ -646,7 +701,9 @@ class GenerativeRanker(RankingModel):
             return super().score_setwise(batch, top_k_idx)
         states = self.encode(batch) if cand_states is None else cand_states
         chosen = states.gather(1, top_k_idx.unsqueeze(-1).expand(-1, -1, states.shape[-1]))  # (B, k, D)
-        return self.setwise_correction(chosen, batch.cand_mask.gather(1, top_k_idx))
+        return self.setwise_correction(
+            chosen, batch.cand_mask.gather(1, top_k_idx), actor_ids=batch.cand_actor_id.gather(1, top_k_idx)
+        )
 
 
 class LiGRForRanking(GenerativeRanker):
@@ -664,7 +721,12 @@ class LiGRForRanking(GenerativeRanker):
         slot_bias = setwise and cfg.setwise_slot_bias
         rel_bias = RelativeBucketBias(cfg.n_heads, cfg.n_bias_buckets) if slot_bias else None
         match = cfg.actor_match and not setwise
-        return GatedBlock(cfg.d_model, cfg.n_heads, cfg.ffn_mult, cfg.dropout, cfg.attn_impl, rel_bias, match)
+        slot_match = (
+            near_slot_match(cfg.n_heads, cfg.n_bias_buckets) if setwise and cfg.setwise_actor_match else None
+        )
+        return GatedBlock(
+            cfg.d_model, cfg.n_heads, cfg.ffn_mult, cfg.dropout, cfg.attn_impl, rel_bias, match, slot_match
+        )
 
 
 # --- Retrieval (3.4) -----------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def equal_size_hstu(ligr: LiGRConfig) -> HSTUConfig:
     At the same history length this is also equal training compute (the paper's FLOPs axis is dense
     parameters times sequence length): an HSTU layer has about 5 d^2 weights, a gated LiGR block 14 d^2.
     """
-    shared = ligr.model_dump(exclude={"kind", "ffn_mult", "actor_match"})
+    shared = ligr.model_dump(exclude={"kind", "ffn_mult", "actor_match", "setwise_actor_match"})
     target = dense_params(build_model(ligr))
     options = [HSTUConfig(**{**shared, "n_layers": n}) for n in range(1, 8 * ligr.n_layers + 1)]
     return min(options, key=lambda cfg: abs(dense_params(build_model(cfg)) - target))

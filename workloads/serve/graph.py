@@ -23,6 +23,7 @@ from pydantic import (
     Field,
     NonNegativeFloat,
     PositiveFloat,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -72,7 +73,10 @@ class GraphArgs(BaseModel):
     llm_enabled: bool = Field(False, description="deploy BrewScorer and route model: brew requests to it")
     llm_artifact_uri: str | None = Field(None, description="the 360Brew artifact when model_kind is ligr")
     world_dir: str | None = Field(None, description="the world's tables: the entity text 360Brew verbalizes")
-    llm_scorer: dict[str, Any] | None = Field(None, description="BrewScorer's ScorerConfig (backend, ...)")
+    llm_scorer: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the LLM deployment's workloads.brew.score.ScorerConfig: backend, dtype, device, ...",
+    )
     brew_tasks: dict[Surface, str] = Field(
         default_factory=lambda: dict(DEFAULT_BREW_TASKS),
         description="the 360Brew task each surface is ranked for",
@@ -107,6 +111,13 @@ class GraphArgs(BaseModel):
             raise ValueError(
                 f"setwise_top_k={self.setwise_top_k} exceeds candidates_limit={self.candidates_limit}"
             )
+        if self.llm_enabled:  # checked here, before any replica starts; imported only where it is used
+            from workloads.brew.score import ScorerConfig
+
+            try:
+                ScorerConfig.model_validate(self.llm_scorer)
+            except ValidationError as err:
+                raise ValueError(f"llm_scorer: {err}") from None
         return self
 
     @property

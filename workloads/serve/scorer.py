@@ -40,6 +40,7 @@ class PointwiseScores:
     order: np.ndarray  # (S,) candidate indexes by descending pointwise ranking score
     top_idx: np.ndarray  # (k,) the first k of ``order``: what set-wise scoring re-scores
     top_states: np.ndarray | None  # (k, D) their candidate states; None when the model has no set-wise part
+    top_actor_ids: np.ndarray | None  # (k,) their actors, for set-wise actor match; None with top_states
     member_known: bool
     history_len: int
     features_ms: float
@@ -153,16 +154,18 @@ class PointwiseModel:
             request_logits = torch.cat([logits[row, : end - start] for row, start, end in mine]).numpy()
             order = pointwise_order(request_logits, self.weights)
             top_idx = order[: self.setwise_top_k]
-            top_states = None
+            top_states = top_actor_ids = None
             if states is not None and self.setwise_top_k:
                 request_states = torch.cat([states[row, : end - start] for row, start, end in mine])
                 top_states = request_states[torch.from_numpy(top_idx)].numpy()
+                top_actor_ids = np.asarray(features.candidates["cand_actor_id"])[top_idx]
             out.append(
                 PointwiseScores(
                     logits=request_logits,
                     order=order,
                     top_idx=top_idx,
                     top_states=top_states,
+                    top_actor_ids=top_actor_ids,
                     member_known=features.member_known,
                     history_len=min(features.history_len, int(self.cfg.max_history)),
                     features_ms=features.read_ms,

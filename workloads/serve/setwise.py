@@ -42,22 +42,23 @@ class SetwiseModel:
     @torch.inference_mode()
     def correct(self, scored: list[PointwiseScores]) -> list[SetwiseCorrection]:
         began = time.perf_counter()
-        states = [s.top_states for s in scored]
-        if any(s is None for s in states):
+        if any(s.top_states is None or s.top_actor_ids is None for s in scored):
             raise ValueError("top_states: the pointwise scorer sent no candidate states")
-        k = max(len(s) for s in states)  # type: ignore[arg-type]
+        k = max(len(s.top_idx) for s in scored)
         dim = self.model.cfg.d_model
-        padded = torch.zeros(len(states), k, dim)
-        mask = torch.zeros(len(states), k, dtype=torch.bool)
-        for row, request_states in enumerate(states):
-            n = len(request_states)  # type: ignore[arg-type]
-            padded[row, :n] = torch.from_numpy(request_states)
+        padded = torch.zeros(len(scored), k, dim)
+        actors = torch.zeros(len(scored), k, dtype=torch.long)
+        mask = torch.zeros(len(scored), k, dtype=torch.bool)
+        for row, request in enumerate(scored):
+            n = len(request.top_idx)
+            padded[row, :n] = torch.from_numpy(request.top_states)
+            actors[row, :n] = torch.from_numpy(request.top_actor_ids.astype(np.int64))  # type: ignore[union-attr]
             mask[row, :n] = True
-        correction = self.model.setwise_correction(padded, mask)  # (B, k, T)
+        correction = self.model.setwise_correction(padded, mask, actor_ids=actors)  # (B, k, T)
         setwise_ms = (time.perf_counter() - began) * 1e3
         return [
             SetwiseCorrection(correction[row, : int(mask[row].sum())].numpy(), setwise_ms)
-            for row in range(len(states))
+            for row in range(len(scored))
         ]
 
 

@@ -41,6 +41,15 @@ def base_url(lora_training: Any, tiny_world: Path) -> Iterator[str]:
     serve.delete(APP)
 
 
+def test_an_engine_shorter_than_the_trained_prompts_is_refused_before_it_starts() -> None:
+    from workloads.brew.serve import check_engine_fits
+
+    with pytest.raises(ValueError, match=r"max_model_len=256 must exceed .* max_context_tokens=256"):
+        check_engine_fits(256, ScorerConfig(max_model_len=256))
+    check_engine_fits(255, ScorerConfig(max_model_len=256))
+    check_engine_fits(4096, ScorerConfig(backend="transformers", max_model_len=256))  # no engine to size
+
+
 @pytest.mark.slow
 def test_brew_scorer_answers_over_http_with_the_offline_scores(
     base_url: str, lora_training: Any, world: World, templates: Templates

@@ -21,6 +21,7 @@ from workloads.models.ligr import (
     ACTION,
     CANDIDATE,
     ITEM,
+    SETWISE_MATCH_GAIN_INIT,
     AttentionMask,
     GatedBlock,
     LiGRForRanking,
@@ -134,12 +135,15 @@ def test_pointwise_score_ignores_other_candidates_but_setwise_does_not() -> None
     assert not torch.allclose(after.setwise_logits[:, 0], before.setwise_logits[:, 0])
 
 
-def test_the_self_only_ablation_keeps_the_setwise_layer_but_not_the_set() -> None:
+@pytest.mark.parametrize("setwise_actor_match", [False, True])
+def test_the_self_only_ablation_keeps_the_setwise_layer_but_not_the_set(setwise_actor_match: bool) -> None:
     batch = random_batch(seed=2, n_rows=3, cand_len=(4, 4))
-    session, alone = model(), model(setwise_context="self")
+    session = model(setwise_actor_match=setwise_actor_match)
+    alone = model(setwise_context="self", setwise_actor_match=setwise_actor_match)
     alone.load_state_dict(session.state_dict())  # same parameters: only the mask differs
     other = clone(batch)
     other.cand_item_id[:, 1:] += 7
+    other.cand_actor_id[:, 1:] = batch.cand_actor_id[:, :1]  # the others all repeat candidate 0's actor
     with torch.no_grad():
         before, after = alone(batch), alone(other)
         with_set = session(batch)
@@ -170,9 +174,10 @@ def _pick(column: np.ndarray, j: int) -> np.ndarray:
     return out
 
 
-def test_split_scoring_setwise_on_the_chosen_candidates_only() -> None:
+@pytest.mark.parametrize("setwise_actor_match", [False, True])
+def test_split_scoring_setwise_on_the_chosen_candidates_only(setwise_actor_match: bool) -> None:
     batch = random_batch(seed=5, n_rows=2, cand_len=(6, 6))
-    net = model()
+    net = model(setwise_actor_match=setwise_actor_match)
     with torch.no_grad():
         out = net(batch)
         states = net.encode(batch)
@@ -284,11 +289,56 @@ def test_actor_match_at_zero_gain_is_the_papers_attention() -> None:
         torch.testing.assert_close(matched(batch).logits, plain(batch).logits, atol=1e-5, rtol=1e-5)
 
 
+def test_setwise_actor_match_adds_gain_times_the_actor_cosine_for_other_candidates_only() -> None:
+    """With the query and key projections at zero, a set-wise score is the match term alone: gain x
+    cos(actors) towards every other candidate, 0 towards itself and towards the sink (first token)."""
+    batch = random_batch(seed=5, n_rows=2, cand_len=(6, 6))
+    batch.cand_actor_id[0, 3] = batch.cand_actor_id[0, 2]  # one repeat: cosine 1 between slots 2 and 3
+    net = model(setwise_actor_match=True)
+    attn = net.setwise_blocks[0].attn
+    with torch.no_grad():
+        attn.q_proj.weight.zero_()
+        attn.k_proj.weight.zero_()
+        attn.rel_bias.bias.zero_()
+        attn.slot_match.bias[0] = 0.0  # head 0: no match; head 1: 0.3 at every slot distance
+        attn.slot_match.bias[1] = 0.3
+    captured: list[torch.Tensor] = []
+    attn.register_forward_hook(lambda module, args, out: captured.append(module.weights(*args)))
+    with torch.no_grad():
+        net(batch)
+    weights = captured[0][0]  # first row: (heads, 1 + S, 1 + S), the sink first
+    m = torch.nn.functional.normalize(net.backbone.items.features["actor_id"](batch.cand_actor_id[0]), dim=-1)
+    cosine = m @ m.T
+    cosine.fill_diagonal_(0.0)  # a candidate's own actor adds nothing
+    S = m.shape[0]
+    torch.testing.assert_close(weights[0, 1:, :], torch.full((S, S + 1), 1.0 / (S + 1)))  # gain 0: even
+    expected = torch.softmax(3.0 * torch.nn.functional.pad(cosine, (1, 0)), dim=-1)  # gain x SCALE = 3
+    torch.testing.assert_close(weights[1, 1:, :], expected, atol=1e-5, rtol=1e-4)
+    assert weights[1, 4, 3] > 0.5 > weights[1, 3, 0]  # candidate 3 reads its repeat; 2 hardly the sink
+
+
+def test_setwise_actor_match_starts_with_the_gain_on_candidates_within_two_slots_only() -> None:
+    """The rule set-wise attention replaced is "two items between posts of one actor" (3.2)."""
+    gains = model(setwise_actor_match=True).setwise_blocks[0].attn.slot_match
+    distance = torch.arange(-6, 7)
+    start = gains(distance[None])[0, :, 6, :]  # (heads, 13): from slot 6 to slots 0..12
+    near = distance.abs().le(2) & distance.ne(0)
+    assert (start[:, near] == SETWISE_MATCH_GAIN_INIT).all() and (start[:, ~near] == 0).all()
+
+
+def test_setwise_actor_match_needs_the_candidates_actors() -> None:
+    net = model(setwise_actor_match=True)
+    with pytest.raises(ValueError, match="setwise_actor_match needs the candidates' actor_ids"):
+        net.setwise_correction(torch.zeros(2, 3, 16), torch.ones(2, 3, dtype=torch.bool))
+
+
 @pytest.mark.parametrize("impl", ["sdpa", "flex"])
-def test_actor_match_kernels_agree_with_the_eager_reference(impl: str) -> None:
+@pytest.mark.parametrize("where", ["history", "setwise"])
+def test_actor_match_kernels_agree_with_the_eager_reference(impl: str, where: str) -> None:
     batch = random_batch(seed=7, n_rows=3, hist_len=(3, 12))
-    reference = model(attn_impl="eager", actor_match=True)
-    other = LiGRForRanking(tiny(attn_impl=impl, actor_match=True)).eval()
+    match = {"actor_match": True} if where == "history" else {"setwise_actor_match": True}
+    reference = model(attn_impl="eager", **match)
+    other = LiGRForRanking(tiny(attn_impl=impl, **match)).eval()
     other.load_state_dict(reference.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(other(batch).logits, reference(batch).logits, atol=1e-5, rtol=1e-5)

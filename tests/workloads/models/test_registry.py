@@ -88,6 +88,17 @@ def test_actor_match_needs_the_actor_feature_and_ligr_attention() -> None:
     ).actor_match  # the HSTU twin keeps plain attention
 
 
+def test_setwise_actor_match_needs_the_setwise_layer_the_actor_feature_and_ligr_attention() -> None:
+    needs = r"setwise_actor_match: needs setwise: true and actor_id among use_features"
+    with pytest.raises(ValidationError, match=needs):
+        LiGRConfig(setwise_actor_match=True, setwise=False)
+    with pytest.raises(ValidationError, match=needs):
+        LiGRConfig(setwise_actor_match=True, use_features=frozenset({"post_type", "content"}))
+    with pytest.raises(ValidationError, match="setwise_actor_match: only LiGR's attention implements it"):
+        HSTUConfig(setwise_actor_match=True)
+    assert not equal_size_hstu(LiGRConfig(setwise_actor_match=True)).setwise_actor_match
+
+
 def test_kind_picks_the_config_and_the_model() -> None:
     class Train(BaseModel):
         model: ModelConfig

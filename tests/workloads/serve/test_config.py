@@ -43,6 +43,10 @@ def test_defaults_are_the_documented_ones(artifact: Path) -> None:
         ({"model_kind": "brew"}, "model_kind brew needs llm_enabled"),
         ({"llm_enabled": True}, "llm_enabled needs world_dir"),
         ({"llm_enabled": True, "world_dir": "/w"}, "needs llm_artifact_uri"),
+        (
+            {"llm_enabled": True, "world_dir": "/w", "llm_artifact_uri": "/b", "llm_scorer": {"dtype": "x"}},
+            "llm_scorer: 1 validation error for ScorerConfig\ndtype",
+        ),
         ({"setwise_top_k": 20, "candidates_limit": 10}, "exceeds candidates_limit"),
         ({"candidates_limit": 0}, "greater than or equal to 1"),
         ({"artifact_path": "/x"}, "Extra inputs are not permitted"),

@@ -91,8 +91,14 @@ def test_a_model_that_reads_counters_scores_with_the_counters_of_the_log(
     assert np.abs(zeros[0].logits - served.logits).max() > 1e-2, "the counters do not move the scores"
 
 
-def test_setwise_correction_equals_score_setwise_on_the_pointwise_top_k(serve_world: ServeWorld) -> None:
+@pytest.mark.parametrize("setwise_actor_match", [False, True])
+def test_setwise_correction_equals_score_setwise_on_the_pointwise_top_k(
+    serve_world: ServeWorld, setwise_actor_match: bool, tmp_path: Path
+) -> None:
+    """The reranker sees only the top k's states and actors, and corrects them as the model does."""
     artifact = serve_world.artifacts / "v1"
+    if setwise_actor_match:
+        artifact = tiny_ligr_artifact(tmp_path / "v1", serve_world.world, 1, seed=5, setwise_actor_match=True)
     member = busiest_member(serve_world)
     requests = [(member, list(range(200, 245))), (member, [7, 8, 9, 10])]  # k=10 and k=4 in one batch
     scored = PointwiseModel(artifact, DEFAULT_TASK_WEIGHTS, TOP_K).score(fetch(serve_world, requests))
