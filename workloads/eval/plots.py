@@ -43,22 +43,15 @@ def scaling_plot(
             [p["history"] for p in by_history], [p[metric] for p in by_history], "o-", label=label
         )
         right.plot([p["dense_params"] for p in by_size], [p[metric] for p in by_size], "o-", label=label)
-        if plain:
-            left.plot(
-                [p["history"] for p in plain],
-                [p[metric] for p in plain],
-                "^-.",
-                color=line[0].get_color(),
-                label=f"{label}, without actor_match",
-            )
-        if reader:
-            left.plot(
-                [p["history"] for p in reader],
-                [p[metric] for p in reader],
-                "s:",
-                color=line[0].get_color(),
-                label=f"{label}, counting reader",
-            )
+        for curve, style, name in ((plain, "^-.", "without actor_match"), (reader, "s:", "counting reader")):
+            if curve:
+                left.plot(
+                    [p["history"] for p in curve],
+                    [p[metric] for p in curve],
+                    style,
+                    color=line[0].get_color(),
+                    label=f"{label}, {name}",
+                )
         if reference is not None:
             for axis in (left, right):
                 axis.axhline(
