@@ -650,7 +650,7 @@ class GenerativeRanker(RankingModel):
             cand_mask = F.pad(cand_mask, (1, 0), value=True)
             if slots is None:
                 slots = torch.arange(S, device=x.device).expand(B, S)
-            slots = F.pad(slots, (1, 0), value=SINK_SLOT)
+            slots = F.pad(slots.long(), (1, 0), value=SINK_SLOT)
         layout = TokenLayout.one_session(cand_mask, slots)
         context = layout.in_session() if self.cfg.setwise_context == "session" else layout.alone()
         mask = AttentionMask(context, layout)
