@@ -7,10 +7,11 @@ evaluation stage (``evaluate.run``) on the days right after training; worlds, ex
 artifacts are cached under ``--out`` keyed by their configs, so a re-run only does what changed.
 
 1. baseline:  LiGR (6 features), and LiGR + one item counter (7), vs the DCNv2 production baseline
-              (ids + content + 11 counters).
+              (ids + content + 11 counters); optionally the 7-feature LiGR with both extensions.
 2. setwise:   set-wise in-session attention on vs off, in a world with the set-level effect on and off.
 3. scaling:   eval AUC against history length (16, 64, 256) and against model size -> docs/img PNG.
-4. hstu:      LiGR vs its HSTU-layer variant at equal compute (equal dense parameters, same history).
+4. hstu:      LiGR vs its HSTU-layer variant at equal compute (equal dense parameters, same history),
+              after each epoch and against training seconds -> docs/img PNG.
 5. movielens: HR@10 / NDCG@10 leave-one-out of LiGR retrieval vs SASRec on MovieLens-100K.
 
 These are results, not tests: they print a markdown table per experiment and write
@@ -41,7 +42,7 @@ from workloads.eval.evaluate import EvalConfig, Gate, read_examples, score_examp
 from workloads.eval.evaluate import run as evaluate
 from workloads.eval.history_reader import HistoryReaderConfig
 from workloads.eval.metrics import auc, auc_standard_error
-from workloads.eval.plots import comparison_plot, scaling_plot
+from workloads.eval.plots import comparison_plot, epoch_plot, scaling_plot
 from workloads.models.config import LiGRConfig
 from workloads.models.registry import build_model, dense_params, equal_size_hstu
 from workloads.train.artifact import load_artifact
@@ -51,6 +52,8 @@ from workloads.train.trainer import train_and_publish
 Which = Literal["all", "baseline", "setwise", "scaling", "hstu", "movielens", "id_init"]
 EXPERIMENTS: tuple[str, ...] = ("baseline", "setwise", "scaling", "hstu", "movielens", "id_init")
 AUCS = ("long_dwell_auc", "contribution_auc", "click_auc")
+# the result lists each experiment may return, printed as tables in this order
+TABLES = ("rows", "by_epoch", "probe", "by_history", "plain_by_history", "reader_by_history", "by_size")
 HISTORY_LENGTHS = (16, 64, 256)
 MODEL_SIZES = ((16, 1), (32, 2), (64, 3), (128, 4))  # (d_model, n_layers)
 DEFAULT_SETWISE_EFFECT = WorldConfig().setwise_effect
@@ -100,6 +103,13 @@ class ExperimentConfig(BaseModel):
     )
     setwise_actor_match: bool = Field(
         False, description="the set-wise experiment's arms: setwise_actor_match and its self-only control"
+    )
+    baseline_extended_history: PositiveInt | None = Field(
+        None,
+        description="also train claim 1's 7-feature LiGR with both extensions at this history length",
+    )
+    hstu_features: Literal["all", "seven"] = Field(
+        "all", description="the hstu experiment's inputs (LiGR and HSTU alike): all, or claim 1's seven"
     )
     seed: int = 0
     out: Path = Field(default_factory=lambda: data_root() / "experiments")
@@ -217,8 +227,16 @@ def baseline(lab: Lab) -> dict[str, Any]:
     # the baseline reads its counters on the same scale (log-odds rates made DCNv2 better too)
     dcn_model = {"kind": "dcnv2", "max_history": lab.cfg.max_history, "counter_scale": "log_odds"}
     dcn = lab.train("dcnv2", dcn_model, examples, world, lab.cfg.epochs)
-    report = lab.evaluate("baseline", [ligr, seven], examples, baseline=dcn)
-    models = (("LiGR", ligr), ("LiGR, 7 features", seven), ("DCNv2 (counters)", dcn))
+    models = [("LiGR", ligr), ("LiGR, 7 features", seven)]
+    if (history := lab.cfg.baseline_extended_history) is not None:
+        # the two extensions that let this world's LiGR use long histories and the set (claims 2, 3)
+        extensions = {"actor_match": True, "setwise_actor_match": True, "max_history": history}
+        extended = lab.train(
+            "ligr7-extended", lab.ligr(**SEVEN_FEATURES, **extensions), examples, world, lab.cfg.epochs
+        )
+        models.append((f"LiGR, 7 features, both extensions, history {history}", extended))
+    report = lab.evaluate("baseline", [path for _, path in models], examples, baseline=dcn)
+    models.append(("DCNv2 (counters)", dcn))
     rows = []
     for name, path in models:
         result = _overall(report, path)
@@ -428,21 +446,49 @@ def scaling(lab: Lab) -> dict[str, Any]:
 
 
 def hstu(lab: Lab) -> dict[str, Any]:
+    """Claim 4: LiGR vs its HSTU-layer variant at equal dense parameters and history. Besides the final
+    models (paired), every epoch's eval AUCs from the training stage, against epochs and against
+    training seconds: the paper compares training curves, and HSTU's extra layers cost time."""
     world = lab.world()
     examples = lab.examples(world)
-    ligr_cfg = LiGRConfig.model_validate(lab.ligr())
+    features = SEVEN_FEATURES if lab.cfg.hstu_features == "seven" else {}
+    suffix = "7" if features else ""
+    ligr_cfg = LiGRConfig.model_validate(lab.ligr(**features))
     hstu_cfg = equal_size_hstu(ligr_cfg)
-    ligr = lab.train("ligr", ligr_cfg.model_dump(mode="json"), examples, world, lab.cfg.epochs)
-    variant = lab.train("hstu", hstu_cfg.model_dump(mode="json"), examples, world, lab.cfg.epochs)
-    report = lab.evaluate("hstu", [ligr, variant], examples)
-    rows = []
+    ligr = lab.train(f"ligr{suffix}", ligr_cfg.model_dump(mode="json"), examples, world, lab.cfg.epochs)
+    variant = lab.train(f"hstu{suffix}", hstu_cfg.model_dump(mode="json"), examples, world, lab.cfg.epochs)
+    report = lab.evaluate(f"hstu{suffix}", [variant], examples, baseline=ligr)
+    rows, curves = [], {}
     for name, path, cfg in (("LiGR", ligr, ligr_cfg), ("HSTU layers", variant, hstu_cfg)):
         overall = _overall(report, path)["overall"]
         params = dense_params(build_model(cfg))
         rows.append({"model": name, "n_layers": cfg.n_layers, "dense_params": params, **_pick(overall)})
-    title = "LiGR vs HSTU layers at equal dense parameters"
-    plot = comparison_plot(rows, AUCS, lab.cfg.img_dir / "ligr_vs_hstu.png", title)
-    return {"rows": rows, "plot": str(plot)}
+        curves[name] = epoch_curve(load_artifact(path).metrics)
+    paired = _overall(report, variant).get("vs_baseline") or {}
+    rows.append(
+        {
+            "model": "HSTU layers - LiGR",
+            **{m: rows[1][m] - rows[0][m] for m in AUCS},
+            **{f"{task}_ci95": [paired[task]["ci95_low"], paired[task]["ci95_high"]] for task in paired},
+        }
+    )
+    title = "LiGR vs HSTU layers at equal dense parameters" + (" (7 features)" if features else "")
+    plot = comparison_plot(rows[:2], AUCS, lab.cfg.img_dir / f"ligr{suffix}_vs_hstu.png", title)
+    curve_plot = epoch_plot(curves, AUCS, lab.cfg.img_dir / f"ligr{suffix}_vs_hstu_epochs.png", title)
+    by_epoch = [{"model": name, **point} for name, curve in curves.items() for point in curve]
+    return {"rows": rows, "by_epoch": by_epoch, "plot": str(plot), "epoch_plot": str(curve_plot)}
+
+
+def epoch_curve(metrics: dict[str, Any]) -> list[dict[str, float]]:
+    """From an artifact's metrics: the eval AUCs the training stage recorded after each epoch (the same
+    eval split as ``evaluate``), with the training seconds spent up to then."""
+    spent = 0.0
+    curve = []
+    for epoch in metrics["epochs"]:
+        spent += epoch["train_seconds"]
+        aucs = {m: epoch[f"eval_{m}"] for m in AUCS}
+        curve.append({"epoch": epoch["epoch"], "train_seconds": spent, **aucs})
+    return curve
 
 
 def movielens(lab: Lab) -> dict[str, Any]:
@@ -522,6 +568,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     def cell(value: Any) -> str:
         if isinstance(value, float):
             return f"{value:.4f}"
+        if isinstance(value, list):  # an interval
+            return "[" + ", ".join(cell(v) for v in value) + "]"
         return "" if value is None else str(value)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
@@ -535,10 +583,10 @@ def report_markdown(results: dict[str, Any]) -> str:
         if name == "settings":
             continue
         parts.append(f"### {name}\n")
-        for key in ("rows", "probe", "by_history", "plain_by_history", "reader_by_history", "by_size"):
+        for key in TABLES:
             if key in result:
                 parts.append(markdown_table(result[key]) + "\n")
-        for key in ("lift_percent", "plot", "epochs"):
+        for key in ("lift_percent", "plot", "epoch_plot", "epochs"):
             if key in result:
                 parts.append(f"{key}: {json.dumps(result[key])}\n")
     return "\n".join(parts)

@@ -78,7 +78,7 @@ def comparison_plot(
     rows: Sequence[dict[str, float | str]], metrics: Sequence[str], path: Path, title: str
 ) -> Path:
     """Grouped bars: one group per metric, one bar per model (``rows`` carry ``model`` and the metrics)."""
-    fig, axis = plt.subplots(figsize=(2 + 1.8 * len(metrics), 4))
+    fig, axis = plt.subplots(figsize=(2 + 1.8 * len(metrics), 4 + 0.25 * len(rows)))
     width = 0.8 / max(len(rows), 1)
     for i, row in enumerate(rows):
         positions = [m + i * width for m in range(len(metrics))]
@@ -88,8 +88,34 @@ def comparison_plot(
     values = [float(row[m]) for row in rows for m in metrics]
     axis.set_ylim(min(values) - 0.02, max(values) + 0.02)
     axis.set_title(title)
-    axis.legend()
+    axis.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)  # below the bars
     axis.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def epoch_plot(
+    curves: Mapping[str, Sequence[dict[str, float]]], metrics: Sequence[str], path: Path, title: str
+) -> Path:
+    """Training curves: one panel per metric, eval AUC after each epoch against the training seconds
+    spent so far (markers labelled by epoch), one line per model; equal compute reads across."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.8), squeeze=False)
+    for axis, metric in zip(axes[0], metrics, strict=True):
+        for name, curve in curves.items():
+            seconds = [p["train_seconds"] for p in curve]
+            values = [p[metric] for p in curve]
+            axis.plot(seconds, values, "o-", label=name)
+            for point, x, y in zip(curve, seconds, values, strict=True):
+                axis.annotate(f"{int(point['epoch'])}", (x, y), textcoords="offset points", xytext=(4, 4))
+        axis.set_xlim(left=0)
+        axis.set_xlabel("training seconds (labels: epoch)")
+        axis.set_ylabel(f"eval {TASK_LABELS.get(metric, metric)}")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
