@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on a training node
 
 import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
 TASK_LABELS = {
     "long_dwell_auc": "long dwell AUC",
@@ -67,11 +68,7 @@ def scaling_plot(
         axis.legend(fontsize=8, loc="lower right")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def comparison_plot(
@@ -90,11 +87,7 @@ def comparison_plot(
     axis.set_title(title)
     axis.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)  # below the bars
     axis.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def epoch_plot(
@@ -116,6 +109,10 @@ def epoch_plot(
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     fig.suptitle(title)
+    return _save(fig, path)
+
+
+def _save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
