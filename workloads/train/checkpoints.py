@@ -113,7 +113,8 @@ def _choose() -> _Choice:
         if int(manifest["finished_epochs"]) <= registered_epochs:
             break
         logger.warning(
-            "resuming from %s (epoch %d): complete, but Ray had not registered it (a worker died first)",
+            "resuming from %s (epoch %d): complete in storage but not registered with Ray"
+            " (a worker died before reporting it, or the run was restarted from storage)",
             path,
             manifest["finished_epochs"],
         )
