@@ -16,18 +16,17 @@ ever asks about follows.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow.dataset as pads
 from pydantic import BaseModel, ConfigDict, Field
 
-from workloads.brew.prompts import EntityKind, HistoryEvent, TaskTemplate, Templates
+from workloads.brew.prompts import HistoryEvent, TaskTemplate, Templates
 from workloads.data.schema import ACTION_COLUMNS, WORLD_TABLES, Action, PostType
 from workloads.data.window import Boundary, PreprocessConfig, impressions_path, resolve_window
 
@@ -120,37 +119,50 @@ def load_world(world_dir: Path) -> World:
 
 
 class EntityText:
-    """Verbalized members, items and actors (templates' entity formats), cached by id."""
+    """Verbalized members, items and actors (templates' entity formats), cached by id.
+
+    The cache is consulted before the world's tables: a prompt's history repeats the same items
+    many times over, and a pandas row lookup costs far more than the rendering it feeds.
+    """
 
     def __init__(self, world: World, templates: Templates) -> None:
         self.world, self.templates = world, templates
         self._cache: dict[tuple[str, int], str] = {}
 
-    def _render(self, kind: EntityKind, key: int, fields: Mapping[str, Any]) -> str:
-        text = self._cache.get((kind, key))
+    def _cached(self, table: str, key: int, render: Callable[[], str]) -> str:
+        text = self._cache.get((table, key))
         if text is None:
-            text = self._cache[(kind, key)] = self.templates.render(kind, fields)
+            text = self._cache[(table, key)] = render()
         return text
 
     def member(self, member_id: int) -> str:
-        row = self.world.members.loc[member_id]
-        return self._render("member", member_id, {**row.to_dict(), "skills": list(row["skills"])})
+        def render() -> str:
+            row = self.world.members.loc[member_id]
+            return self.templates.render("member", {**row.to_dict(), "skills": list(row["skills"])})
+
+        return self._cached("member", member_id, render)
 
     def actor(self, actor_id: int) -> str:
-        return self._render("actor", actor_id, self.world.actors.loc[actor_id].to_dict())
+        def render() -> str:
+            return self.templates.render("actor", self.world.actors.loc[actor_id].to_dict())
+
+        return self._cached("actor", actor_id, render)
 
     def item(self, item_id: int) -> str:
-        row = self.world.items.loc[item_id]
-        if row["item_kind"] == "job":
-            return self._render(
-                "job", item_id, {**row.to_dict(), "required_skills": list(row["required_skills"])}
-            )
-        fields = {
-            **row.to_dict(),
-            "author": self.world.actors.at[int(row["actor_id"]), "name"],
-            "post_type": PostType(int(row["post_type"])).name.lower(),
-        }
-        return self._render("post", item_id, fields)
+        def render() -> str:
+            row = self.world.items.loc[item_id]
+            if row["item_kind"] == "job":
+                return self.templates.render(
+                    "job", {**row.to_dict(), "required_skills": list(row["required_skills"])}
+                )
+            fields = {
+                **row.to_dict(),
+                "author": self.world.actors.at[int(row["actor_id"]), "name"],
+                "post_type": PostType(int(row["post_type"])).name.lower(),
+            }
+            return self.templates.render("post", fields)
+
+        return self._cached("item", item_id, render)
 
     def question(self, task: TaskTemplate, question_id: int) -> str:
         return self.actor(question_id) if task.question_entity == "actor" else self.item(question_id)

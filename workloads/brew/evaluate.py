@@ -58,6 +58,8 @@ from workloads.stage import run_stage
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after use("Agg"): no display here
 
+MIN_PLOTTED_SLICE = 20  # examples a history slice needs to appear in gap_by_history.png
+
 
 class BrewEvalConfig(BaseModel):
     """`python -m workloads.brew.evaluate`: AUC per task, by history slice, vs context, zero-shot T2."""
@@ -216,14 +218,16 @@ def _plots(metrics: dict[str, Any], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     order = [name for name, _, _ in HISTORY_SLICES]
     for task, per in metrics["tasks"].items():
-        slices = [s for s in order if s in per["by_history"]]
+        # a slice of a handful of examples has an AUC that is noise: left out of the plot, kept in metrics
+        slices = [s for s in order if per["by_history"].get(s, {}).get("n", 0) >= MIN_PLOTTED_SLICE]
         gap = [
             _nan(per["by_history"][s]["brew_auc"]) - _nan(per["by_history"][s]["popularity_auc"])
             for s in slices
         ]
         ax.plot(slices, gap, marker="o", label=task)
     ax.axhline(0.0, color="grey", linewidth=0.8)
-    ax.set(xlabel="interactions before the session", ylabel="AUC(360Brew) - AUC(popularity)",
+    ax.set(xlabel=f"interactions before the session (slices of at least {MIN_PLOTTED_SLICE} examples)",
+           ylabel="AUC(360Brew) - AUC(popularity)",
            title="Gap over the popularity baseline by history length")  # fmt: skip
     ax.legend()
     fig.tight_layout()

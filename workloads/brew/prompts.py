@@ -14,6 +14,7 @@ member, and the budget is exact: ``len(prefix) + len(suffix) <= max_context_toke
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -218,9 +219,36 @@ class Verbalizer:
         self.templates = templates
         self.tokenizer = tokenizer
         self.max_context_tokens = max_context_tokens
+        self._line_counts: dict[str, int] = {}
 
     def _ids(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def _line_tokens(self, line: str) -> int:
+        """Tokens of one history line plus the newline that joins it (cached: items recur)."""
+        count = self._line_counts.get(line)
+        if count is None:
+            count = self._line_counts[line] = len(self._ids([line])[0]) + 1
+        return count
+
+    def _estimated_lengths(
+        self, task: TaskTemplate, relevant: Sequence[HistoryEvent], base: int
+    ) -> list[int]:
+        """Approximate prefix tokens when keeping the last k events, k = 0..len(relevant).
+
+        Sums each line's own count (an event is listed once per group it matches, a group's header
+        once), so it ignores merges across line breaks: a starting point, never the answer.
+        """
+        lengths, total, shown = [base], base, set()
+        for event in reversed(relevant):
+            for g, group in enumerate(task.history_groups):
+                if group.matches(event.actions):
+                    total += self._line_tokens(event.text)
+                    if g not in shown:
+                        shown.add(g)
+                        total += self._line_tokens(group.text)
+            lengths.append(total)
+        return lengths
 
     def prefix(self, task: TaskTemplate, profile: str, history: Sequence[HistoryEvent]) -> str:
         """Instruction, note, profile and the grouped history: everything before the question."""
@@ -256,19 +284,38 @@ class Verbalizer:
         suffix_ids = self._ids(suffixes)
         room = self.max_context_tokens - max(len(ids) for ids in suffix_ids)
 
-        def prefix_ids(kept: int) -> list[int]:
-            return self._ids([self.prefix(task, profile, relevant[len(relevant) - kept :])])[0]
+        known: dict[int, list[int]] = {}
 
-        if len(prefix_ids(0)) > room:
+        def prefix_ids(kept: int) -> list[int]:
+            if kept not in known:
+                known[kept] = self._ids([self.prefix(task, profile, relevant[len(relevant) - kept :])])[0]
+            return known[kept]
+
+        def fits(kept: int) -> bool:
+            return len(prefix_ids(kept)) <= room
+
+        if not fits(0):
             raise ValueError(
                 f"max_context_tokens={self.max_context_tokens} cannot hold the {task_name!r} prompt even "
                 f"without history ({len(prefix_ids(0)) + self.max_context_tokens - room} tokens)"
             )
-        # Prefix length grows with the number of kept events: binary search the largest that fits.
+        # The largest number of recent events that fits, found exactly. Tokenizing whole prefixes is
+        # what costs, so the search starts where summed per-line counts put it (usually two probes
+        # settle it) and bisects whatever range is left.
         lo, hi = 0, len(relevant)
+        estimate = self._estimated_lengths(task, relevant, len(prefix_ids(0)))
+        guess = max(bisect_right(estimate, room) - 1, 0)
+        if fits(guess):
+            lo = guess
+            if guess < hi:
+                lo, hi = (guess + 1, hi) if fits(guess + 1) else (guess, guess)
+        else:
+            hi = guess - 1
+            if hi > lo:
+                lo, hi = (hi, hi) if fits(hi) else (lo, hi - 1)
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if len(prefix_ids(mid)) <= room:
+            if fits(mid):
                 lo = mid
             else:
                 hi = mid - 1

@@ -139,6 +139,36 @@ def test_history_is_cut_most_recent_first_to_the_token_budget(
     assert all(ids[: len(prefix_ids)] == prefix_ids for ids in prompts.token_ids)
 
 
+def test_history_kept_is_the_largest_that_fits_at_every_budget(
+    templates: Templates, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """The search starts from an estimate (summed line counts); its answer must be the exact one.
+
+    Feed events liked and commented on are listed in two groups, so the estimate's bookkeeping is
+    exercised too; the reference is a plain scan over every possible number of kept events.
+    """
+    actions = [LIKE, LIKE | COMMENT, COMMENT, LIKE, CLICK]
+    history = [
+        HistoryEvent(templates.render("post", {**POSTS[i % 4], "text": f"Post {i}: " + "word " * (i % 7)}),
+                     actions[i % 5])
+        for i in range(80)
+    ]  # fmt: skip
+    profile = templates.render("member", MEMBER)
+    question = templates.render("post", POSTS[0])
+    task = templates.task("feed_like")
+    relevant = [history[k] for k in task.history_indices([e.actions for e in history])]
+    for budget in range(330, 1400, 41):
+        verbalizer = Verbalizer(templates, tokenizer, budget)
+        room = budget - len(tokenizer.encode(verbalizer.suffix(task, question), add_special_tokens=False))
+        lengths = [
+            len(tokenizer.encode(verbalizer.prefix(task, profile, relevant[len(relevant) - k :]),
+                                 add_special_tokens=False))
+            for k in range(len(relevant) + 1)
+        ]  # fmt: skip
+        largest = max(k for k, n in enumerate(lengths) if n <= room)
+        assert verbalizer.verbalize("feed_like", profile, history, [question]).history_used == largest, budget
+
+
 def test_unacted_group_keeps_its_newest_items_and_every_interaction(
     templates: Templates, tokenizer: PreTrainedTokenizerBase
 ) -> None:
