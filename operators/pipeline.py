@@ -204,6 +204,8 @@ def stage_config(
             "out_dir": resolve(version_dir(spec.artifact_root, model_name, version.generation)),
             "name": f"{model_name}-{version.name}",
             "base": {"kind": "path", "path": resolve(spec.model.base_model or "")},
+            "surfaces": surfaces,  # the templates' trained tasks on these surfaces
+            **({"max_context_tokens": spec.model.context_tokens} if spec.model.context_tokens else {}),
             "split": split,
             "num_workers": spec.training.workers,
             "cpus_per_worker": cpus_per_worker,

@@ -271,6 +271,11 @@ class ModelSpec(_Api):
             ".actorMatch",
         ),
         cel(
+            "self.kind == 'brew' || !has(self.contextTokens)",
+            "model.contextTokens applies only to model.kind brew (ligr reads model.historyLength events)",
+            ".contextTokens",
+        ),
+        cel(
             "self.kind == 'ligr' || !has(self.setwiseActorMatch)",
             "model.setwiseActorMatch applies only to model.kind ligr",
             ".setwiseActorMatch",
@@ -291,7 +296,11 @@ class ModelSpec(_Api):
         ModelSize.SMALL, description="Width and depth preset of a ligr model (brew: set by baseModel)."
     )
     history_length: int = Field(
-        256, ge=1, le=4096, description="How many recent member events the model reads per request."
+        256,
+        ge=1,
+        le=4096,
+        description="ligr: how many recent member events the model reads per request (brew reads as many "
+        "recent interactions as model.contextTokens holds).",
     )
     setwise: bool = Field(
         True,
@@ -301,6 +310,13 @@ class ModelSpec(_Api):
         None,
         min_length=1,
         description="brew only: the Hugging Face checkpoint folder to fine-tune (path, pvc:// or s3:// URI).",
+    )
+    context_tokens: int | None = Field(
+        None,
+        ge=64,
+        le=32768,
+        description="brew only: the prompt budget in tokens; the history is cut most recent first to fit "
+        "(the context-length knob of 360Brew 2.5). serving.llm.maxModelLen must exceed it. Default: 512.",
     )
     features: list[TokenFeature] | None = Field(
         None,
@@ -546,6 +562,12 @@ class RankingModelSpec(_Api):
             "serves a brew model)",
             ".serving.llm.enabled",
         ),
+        cel(
+            "!has(self.model.contextTokens) || self.serving.llm.maxModelLen > self.model.contextTokens",
+            "serving.llm.maxModelLen must exceed model.contextTokens: the engine must accept the prompts "
+            "the model was trained on",
+            ".serving.llm.maxModelLen",
+        ),
     )
 
     feature_repo: FeatureRepoSpec = Field(description="The Feast feature repo.")
@@ -578,7 +600,7 @@ class RankingModelSpec(_Api):
         # adds a field must not retrain every model
         unset_new = {
             name
-            for name in ("features", "counters", "actor_match", "setwise_actor_match")
+            for name in ("features", "counters", "actor_match", "setwise_actor_match", "context_tokens")
             if getattr(self.model, name) is None
         }
         trained = self.model_dump(

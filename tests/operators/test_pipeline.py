@@ -103,6 +103,8 @@ def test_brew_trains_straight_from_the_log_and_publishes_where_serving_looks() -
     )
     assert (train.num_workers, train.use_gpu, train.strategy) == (4, True, "fsdp2")
     assert str(train.split.train_end).startswith("2026-03-01")
+    # data.surfaces [jobs] picks the job tasks; model.contextTokens is the prompt budget
+    assert (train.tasks, train.max_context_tokens) == (["job_apply", "job_dismiss"], 1024)
     evaluate = GateStageConfig.model_validate(
         stage_config(model.spec, "jobs-brew", Stage.EVALUATE, version, None, resolve_storage)
     )

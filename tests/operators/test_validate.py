@@ -46,6 +46,14 @@ def _drop(path: str) -> Edit:
     return edit
 
 
+def _edits(*edits: Edit) -> Edit:
+    def edit(manifest: dict[str, Any]) -> None:
+        for each in edits:
+            each(manifest)
+
+    return edit
+
+
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
 def test_the_examples_are_valid(path: Path) -> None:
     assert validate_manifest(yaml.safe_load(path.read_text())) == []
@@ -156,6 +164,21 @@ BAD: dict[str, tuple[Edit, str, str, str]] = {
         "spec.model.setwiseActorMatch",
         "cel",
         "needs setwise: true and actor_id",
+    ),
+    "a prompt budget on a ligr model": (
+        _set("spec.model.contextTokens", 1024),
+        "spec.model.contextTokens",
+        "cel",
+        "only to model.kind brew",
+    ),
+    "an LLM context shorter than the trained prompts": (
+        _edits(
+            _set("spec.model", {"kind": "brew", "baseModel": "/models/llm", "contextTokens": 4096}),
+            _set("spec.serving.llm", {"enabled": True, "maxModelLen": 4096}),
+        ),
+        "spec.serving.llm.maxModelLen",
+        "cel",
+        "must exceed model.contextTokens",
     ),
     "unknown counter": (
         _set("spec.model.counters", ["ctr"]),

@@ -109,6 +109,12 @@ class BrewTrainConfig(BaseModel):
     base: BaseModelSpec = BaseModelSpec()
     templates_file: Path = DEFAULT_TEMPLATES
     tasks: list[str] = Field(["job_apply", "job_dismiss", "feed_like", "feed_long_dwell"], min_length=1)
+    surfaces: list[Literal["feed", "jobs"]] | None = Field(
+        None,
+        min_length=1,
+        description="instead of tasks: every trained task of the templates on these surfaces (what a "
+        "RankingModel's data.surfaces sets)",
+    )
     max_context_tokens: int = Field(512, ge=64)
     split: TimeSplit = TimeSplit()
     examples_per_task: int = Field(1000, ge=1, description="instruction examples per task (training period)")
@@ -144,6 +150,14 @@ class BrewTrainConfig(BaseModel):
     @model_validator(mode="after")
     def _tasks_trainable(self) -> BrewTrainConfig:
         templates = load_templates(self.templates_file)
+        if self.surfaces is not None:
+            if "tasks" in self.model_fields_set:
+                raise ValueError("set tasks or surfaces, not both")
+            self.tasks = [
+                name for name in templates.trained_tasks if templates.task(name).surface in self.surfaces
+            ]
+            if not self.tasks:
+                raise ValueError(f"the templates have no trained task on surfaces {self.surfaces}")
         for task in self.tasks:
             if not templates.task(task).trained:
                 raise ValueError(

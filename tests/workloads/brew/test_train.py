@@ -125,3 +125,11 @@ def test_session_pairs_with_a_positive_fraction_is_refused() -> None:
 def test_merge_lora_without_lora_is_refused() -> None:
     with pytest.raises(ValueError, match="merge_lora"):
         BrewTrainConfig(finetune_mode="full", merge_lora=True)
+
+
+def test_surfaces_choose_the_trained_tasks_on_them() -> None:
+    """What a RankingModel's data.surfaces sets: the templates' trained tasks there, never T2."""
+    assert BrewTrainConfig(surfaces=["jobs"]).tasks == ["job_apply", "job_dismiss"]
+    assert BrewTrainConfig(surfaces=["feed"]).tasks == ["feed_like", "feed_long_dwell"]
+    with pytest.raises(ValueError, match="tasks or surfaces, not both"):
+        BrewTrainConfig(surfaces=["feed"], tasks=["feed_like"])
