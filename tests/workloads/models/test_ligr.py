@@ -472,7 +472,7 @@ def test_learns_a_signal_that_only_the_history_reveals() -> None:
     net = LiGRForRanking(cfg)
     optimizer = torch.optim.AdamW(net.param_groups())
     losses = []
-    for _ in range(200):
+    for _ in range(300):  # at 200 AUC was 0.89-0.95 by the CPU's float kernels; 300 gives 0.98+
         out = net(planted_batch(rng, 64))
         assert out.loss is not None
         optimizer.zero_grad()
