@@ -11,7 +11,7 @@ Figures are medians. ``--backends transformers`` skips vLLM (a machine without i
 sizes the random test decoder (e.g. SmolLM2-135M's layout where its checkpoint is not at hand).
 
 Usage: ``python -m bench.brew [--model tiny|smollm2] [--candidates 50] [--max-context 1024] [--repeats 5]
-[--backends vllm transformers] [--tiny-shape JSON]``.
+[--backends vllm transformers] [--tiny-shape JSON] [--dtype float32|bfloat16]``.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--tiny-shape", default=TinyLlama().model_dump_json(), help="TinyLlama fields as JSON"
     )
     parser.add_argument("--batch-size", type=int, default=16, help="transformers: prompts per forward pass")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="both backends")
     args = parser.parse_args(argv)
 
     templates = load_templates()
@@ -108,7 +108,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         seconds: dict[str, float] = {}
         device = torch.device("cpu")
         for caching in (True, False) if "vllm" in args.backends else ():
-            scorer = VLLMScorer(artifact, ScorerConfig(backend="vllm", enable_prefix_caching=caching))
+            scorer = VLLMScorer(
+                artifact, ScorerConfig(backend="vllm", enable_prefix_caching=caching, dtype=args.dtype)
+            )
             seconds[f"vllm_cache_{'on' if caching else 'off'}"] = _time(
                 scorer, prompts.token_ids, args.repeats, True
             )
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         "model": args.model if args.model == "smollm2" else f"tiny {args.tiny_shape}",
         "transformers_device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "transformers_dtype": args.dtype,
+        "dtype": args.dtype,
         "candidates": n,
         "prompt_tokens": max(len(p) for p in prompts.token_ids),
         "shared_prefix_tokens": prefix_tokens,
